@@ -1,0 +1,1 @@
+"""realign_mcp: the MCP server over the realign library (thin adapter)."""
