@@ -1,0 +1,69 @@
+"""The backend protocol: what the stages need from a training framework.
+
+Two implementations: :mod:`realign.backends.trl` (PyTorch: transformers + TRL + PEFT)
+and, later, ``realign.backends.mlx`` (Apple Silicon). Stages talk only to this
+protocol, so a stage reads the same on either backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass
+class LogProbs:
+    """Per-token log-probabilities of completions given prompts.
+
+    ``token_logps[i]`` holds log p(token_t | prompt, tokens_<t) for each completion
+    token of example i (a list of floats); ``sum`` and ``count`` are per example.
+    """
+
+    token_logps: list[list[float]]
+
+    @property
+    def sums(self) -> list[float]:
+        return [float(sum(x)) for x in self.token_logps]
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(x) for x in self.token_logps]
+
+
+@dataclass
+class DPOSettings:
+    """DPO hyper-parameters passed through to the framework's trainer."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    learning_rate: float = 5e-6
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_epochs: float = 1.0
+    max_length: int = 512
+    seed: int = 0
+    lora: dict[str, Any] | None = None  # peft LoraConfig kwargs, or None for full fine-tuning
+    extra: dict[str, Any] = field(default_factory=dict)  # any other DPOConfig field
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a training framework provides to the stages."""
+
+    name: str
+
+    def load(self, model: str | Path, *, device: str | None = None) -> Any:
+        """Load a causal LM + tokenizer (local path or hub id) and return a handle."""
+
+    def completion_logprobs(self, handle: Any, prompts: list[Any], completions: list[Any], *,
+                            batch_size: int = 8, max_length: int = 512) -> LogProbs:
+        """Per-token log-probs of each completion given its prompt (chat template applied)."""
+
+    def generate(self, handle: Any, prompts: list[Any], *, max_new_tokens: int = 128,
+                 batch_size: int = 8, temperature: float = 0.0) -> list[str]:
+        """Generate one completion per prompt."""
+
+    def save(self, handle: Any, path: str | Path) -> Path:
+        """Save model + tokenizer to ``path`` (atomically)."""
