@@ -44,6 +44,10 @@ Style = Literal["standard", "conversational"]
 
 #: Bytes per JSONL block handed to Arrow's parser.
 DEFAULT_BLOCK_BYTES = 16 << 20
+#: Rows (and bytes) read up front to learn which optional fields a JSON/JSONL file has.
+SNIFF_ROWS = 1000
+SNIFF_BYTES = 1 << 20
+_BOM = b"\xef\xbb\xbf"
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCORE_FIELDS = ("score_chosen", "score_rejected")
@@ -147,11 +151,20 @@ class PairSource:
     # -- sniffing -----------------------------------------------------------------
     def _sniff(self) -> tuple[Style, bool, bool]:
         if self.format in ("jsonl", "json"):
-            first, line = self._first_record()
+            records = self._head_records()
+            first, line = records[0]
+            if self.skip_bad_rows:  # learn the shape from the first well-formed row
+                first, line = next(
+                    ((r, i) for r, i in records if isinstance(r, dict)
+                     and isinstance(r.get("chosen"), (str, list))), records[0])
             if not isinstance(first, dict):
-                raise InputError("expected a JSON object per row", file=self.name, line=line)
-            keys = set(first)
+                raise InputError(f"expected a JSON object per row, got {_type_name(first)}",
+                                 file=self.name, line=line)
+            # optional fields (prompt, scores) may be absent from the first row only
+            keys = set().union(*(r for r, _ in records if isinstance(r, dict)))
             chosen = first.get("chosen")
+            if "chosen" not in first:
+                keys.discard("chosen")
         else:
             schema = self._arrow_schema()
             keys = set(schema.names)
@@ -177,23 +190,38 @@ class PairSource:
         has_scores = all(s in keys for s in SCORE_FIELDS)
         return style, "prompt" not in keys, has_scores
 
-    def _first_record(self) -> tuple[Any, int]:
+    def _head_records(self, max_rows: int = SNIFF_ROWS, max_bytes: int = SNIFF_BYTES
+                      ) -> list[tuple[Any, int]]:
+        """The first rows (at most ``max_rows`` / about ``max_bytes``) with their lines."""
         if self.format == "json":
             objs = self._load_json_array()
             if not objs:
                 raise InputError("empty file: the JSON array has no rows", file=self.name)
-            return objs[0], 1
+            return [(o, i) for i, o in enumerate(objs[:max_rows], start=1)]
+        out: list[tuple[Any, int]] = []
+        size = 0
         with self.path.open("rb") as fh:
             for i, raw in enumerate(fh, start=1):
-                if raw.strip() in (b"", b"\xef\xbb\xbf"):
+                if i == 1 and raw.startswith(_BOM):
+                    raw = raw[3:]
+                if not raw.strip():
                     continue
-                text = _decode(raw, self.name, i)
                 try:
-                    return json.loads(text), i
-                except json.JSONDecodeError as e:
-                    raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
-                                     file=self.name, line=i) from None
-        raise InputError("empty file: no rows", file=self.name)
+                    text = _decode(raw, self.name, i)
+                    try:
+                        out.append((json.loads(text), i))
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
+                                         file=self.name, line=i) from None
+                except InputError:
+                    if not self.skip_bad_rows:
+                        raise
+                size += len(raw)
+                if len(out) >= max_rows or size >= max_bytes:
+                    break
+        if not out:
+            raise InputError("empty file: no rows", file=self.name)
+        return out
 
     _json_cache: list[Any] | None = None
 
@@ -282,8 +310,8 @@ class PairSource:
                     data, carry = data[: cut + 1], data[cut + 1:]
                 else:
                     carry = b""
-                if first_line == 1 and data.startswith(b"\xef\xbb\xbf"):
-                    data = b"   " + data[3:]
+                if first_line == 1 and data.startswith(_BOM):
+                    data = data[3:]
                 block = self._parse_jsonl_block(data, first_line, schema)
                 block.bytes_read = len(data)
                 first_line += data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
@@ -391,9 +419,9 @@ class PairSource:
         for name in SCORE_FIELDS:
             if name in self._columns:
                 value = obj.get(name)
-                if value is None:
-                    raise InputError("missing score (other rows have one)",
-                                     file=self.name, line=line, field=name)
+                if value is None:  # an unscored pair: left out of the preference gap
+                    out[name] = None
+                    continue
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise InputError(f"expected a number, got {_type_name(value)}",
                                      file=self.name, line=line, field=name)
@@ -492,7 +520,8 @@ class PairSource:
         else:
             for name in TEXT_FIELDS:
                 col = table.column(name).combine_chunks()
-                cols[name] = _messages_to_text(col) if self.style == "conversational" else col
+                col = _messages_to_text(col) if self.style == "conversational" else col
+                cols[name] = col if col.type == pa.string() else pc.cast(col, pa.string())
         for name in SCORE_FIELDS:
             if name in table.column_names:
                 col = table.column(name).combine_chunks()
@@ -511,11 +540,18 @@ class PairSource:
         want_list = self.style == "conversational"
         t = col.type
         ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) if want_list else (
-            pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t))
+            _is_text(t) or pa.types.is_null(t))
         if not ok:
             expected = "a list of messages" if want_list else "a string"
             raise InputError(f"expected {expected}, got {t}", file=self.name,
                              line=int(lines[0].as_py()) if len(lines) else None, field=name)
+        if want_list:
+            vt = t.value_type
+            if not (pa.types.is_struct(vt) and vt.get_field_index("content") >= 0
+                    and _is_text(vt.field("content").type)):
+                raise InputError(
+                    f"expected a list of {{role, content}} messages, got {t}", file=self.name,
+                    line=int(lines[0].as_py()) if len(lines) else None, field=name)
         if col.null_count:
             idx = pc.index(pc.is_null(col), True).as_py()
             raise InputError("missing required field", file=self.name,
@@ -530,13 +566,18 @@ class PairSource:
                                  line=int(lines[idx].as_py()), field=name)
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
 def _messages_to_text(col: pa.Array) -> pa.Array:
     """list<struct<role, content>> -> the contents joined with newlines, per row."""
     contents = pc.struct_field(pc.list_flatten(col), "content")
     offsets = col.offsets
     if col.offset:  # sliced arrays: rebase offsets
         offsets = pc.subtract(offsets, offsets[0])
-    lists = pa.ListArray.from_arrays(offsets, contents)
+    make = pa.LargeListArray if pa.types.is_large_list(col.type) else pa.ListArray
+    lists = make.from_arrays(offsets, contents)
     return pc.binary_join(lists, "\n")
 
 
