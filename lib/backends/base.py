@@ -32,6 +32,29 @@ class LogProbs:
 
 
 @dataclass
+class KLResult:
+    """KL(π_θ ‖ π_ref) on a probe set (METRICS.md "KL divergence").
+
+    ``mean``: Σ_i Σ_t KL_it ÷ Σ_i T_i, nats per completion token (the gated number);
+    ``per_sequence[i]``: Σ_t KL_it of example i (the sequence-level KL, nats);
+    ``counts[i]``: T_i, its number of completion tokens.
+    """
+
+    mean: float
+    per_sequence: list[float]
+    counts: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(self.counts))
+
+    @property
+    def mean_sequence(self) -> float:
+        """Mean over examples of the sequence-level KL."""
+        return float(sum(self.per_sequence) / len(self.per_sequence)) if self.per_sequence else 0.0
+
+
+@dataclass
 class DPOSettings:
     """DPO hyper-parameters passed through to the framework's trainer."""
 
@@ -64,6 +87,10 @@ class Backend(Protocol):
     def generate(self, handle: Any, prompts: list[Any], *, max_new_tokens: int = 128,
                  batch_size: int = 8, temperature: float = 0.0) -> list[str]:
         """Generate one completion per prompt."""
+
+    def kl(self, policy: Any, reference: Any, prompts: list[Any], completions: list[Any], *,
+           batch_size: int = 8, max_length: int = 512) -> KLResult:
+        """Exact per-token KL(policy ‖ reference) over the completion tokens of a probe set."""
 
     def save(self, handle: Any, path: str | Path) -> Path:
         """Save model + tokenizer to ``path`` (atomically)."""

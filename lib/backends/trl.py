@@ -1,0 +1,465 @@
+"""The PyTorch backend: transformers models, TRL trainers, PEFT adapters.
+
+What lives here: loading a causal LM + tokenizer (:meth:`TRLBackend.load`), per-token
+log-probs of completions given prompts, completion-position logits for the KL gates,
+generation, saving. Prompt/completion pairs are tokenized the way the model is chatted
+with: when the tokenizer has a chat template, the prompt is a user turn (or a list of
+messages) rendered with the generation prompt, and the completion is the text the
+template adds for the assistant turn (including its end-of-turn tokens).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, MissingDependencyError
+from .base import KLResult, LogProbs
+
+try:
+    import torch
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise MissingDependencyError(
+        "the TRL backend needs the training extra: pip install 'realign[train]'") from _exc
+
+Message = dict[str, str]
+Prompt = str | list[Message]
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model and its tokenizer, on ``device``."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    source: str
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+@dataclass
+class Encoded:
+    """One tokenized (prompt, completion): ``input_ids[start:]`` are the completion tokens."""
+
+    input_ids: list[int]
+    start: int
+
+    @property
+    def n_completion(self) -> int:
+        return len(self.input_ids) - self.start
+
+
+# ---------------------------------------------------------------- devices, loading
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else cuda > mps > cpu."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA GPUs that support it; float32 elsewhere (CPU, MPS, older GPUs).
+
+    float32 on MPS is a deliberate choice: bf16 support there depends on the macOS version.
+    """
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _unwrap(model: Any) -> Any:
+    """A model, or a ModelHandle, or a DDP-style wrapper → the module to call."""
+    if isinstance(model, ModelHandle):
+        return model.model
+    inner = getattr(model, "module", None)
+    if inner is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return inner
+    return model
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def _as_messages(x: Prompt, role: str) -> list[Message]:
+    if isinstance(x, str):
+        return [{"role": role, "content": x}]
+    if isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x):
+        return list(x)
+    raise InputError(f"expected a string or a list of {{'role','content'}} messages, got {type(x).__name__}")
+
+
+def _as_text(x: Prompt) -> str:
+    if isinstance(x, str):
+        return x
+    return "\n".join(str(m["content"]) for m in _as_messages(x, "user"))
+
+
+def encode_pair(tokenizer: Any, prompt: Prompt, completion: Prompt, max_length: int = 512) -> Encoded:
+    """Tokenize one (prompt, completion); the completion is scored, the prompt is context.
+
+    With a chat template: prompt text = template(prompt messages, add_generation_prompt),
+    full text = template(prompt messages + assistant completion); the completion tokens
+    are the tokens of the full text after the prompt's tokens (when the joint tokenization
+    does not extend the prompt's, the completion text is tokenized on its own and appended,
+    as TRL does). Without a template: tokenizer(prompt) + tokenizer(completion) + EOS.
+
+    Longer than ``max_length``: the completion is cut from the right to ``max_length - 1``
+    tokens and the prompt from the left (its end is kept), so at least one context token
+    precedes the completion.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        p_msgs = _as_messages(prompt, "user")
+        c_msgs = _as_messages(completion, "assistant")
+        p_text = tokenizer.apply_chat_template(p_msgs, tokenize=False, add_generation_prompt=True)
+        f_text = tokenizer.apply_chat_template(p_msgs + c_msgs, tokenize=False)
+        p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        f_ids = tokenizer(f_text, add_special_tokens=False)["input_ids"]
+        if f_text.startswith(p_text) and f_ids[: len(p_ids)] == p_ids:
+            c_ids = f_ids[len(p_ids):]
+        elif f_text.startswith(p_text):
+            c_ids = tokenizer(f_text[len(p_text):], add_special_tokens=False)["input_ids"]
+        else:
+            raise InputError("the tokenizer's chat template renders the prompt differently when a "
+                             "completion follows it; cannot split prompt and completion tokens")
+    else:
+        p_ids = tokenizer(_as_text(prompt), add_special_tokens=True)["input_ids"]
+        c_ids = tokenizer(_as_text(completion), add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            c_ids = c_ids + [tokenizer.eos_token_id]
+    if not p_ids:  # nothing to condition the first token on: it becomes context
+        p_ids, c_ids = c_ids[:1], c_ids[1:]
+    if max_length < 2:
+        raise ValueError("max_length must be at least 2")
+    c_ids = c_ids[: max_length - 1]
+    p_ids = p_ids[-(max_length - len(c_ids)):]
+    return Encoded(input_ids=list(p_ids) + list(c_ids), start=len(p_ids))
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt ready for generation (chat template + generation prompt)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(_as_messages(prompt, "user"), tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(_as_text(prompt), add_special_tokens=True)["input_ids"]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pid = tokenizer.pad_token_id
+    if pid is None:
+        pid = tokenizer.eos_token_id
+    return int(pid) if pid is not None else 0
+
+
+def _batches(encoded: Sequence[Encoded], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of similar length (longest first): less padding, same results."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+    for k in range(0, len(order), batch_size):
+        yield order[k:k + batch_size]
+
+
+def _completion_logits_batch(model: Any, items: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one right-padded batch; return (logits, targets, mask) at completion positions.
+
+    Position j of the returned tensors is sequence position ``offset + j`` whose logits
+    predict token ``offset + j + 1``; ``offset = min(start) - 1`` so prompt-only
+    positions shared by the whole batch are not sent through the LM head.
+    logits: B × T × V (model dtype), targets: B × T (long), mask: B × T (bool).
+    """
+    device = _model_device(model)
+    length = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), length), dtype=torch.long)
+    for r, e in enumerate(items):
+        ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+        attn[r, : len(e.input_ids)] = 1
+    offset = min(e.start for e in items) - 1
+    keep = length - offset  # logits for positions offset .. length-1
+    ids, attn = ids.to(device), attn.to(device)
+    try:
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep)
+        logits = out.logits
+        if logits.shape[1] != keep:  # a model that ignores logits_to_keep
+            logits = logits[:, offset:]
+    except TypeError:  # a model whose forward has no logits_to_keep
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, offset:]
+    logits = logits[:, :-1]  # the last position predicts nothing we score
+    targets = ids[:, offset + 1:]
+    pos = torch.arange(offset, length - 1, device=device)  # position predicting token pos+1
+    starts = torch.tensor([e.start for e in items], device=device)
+    ends = torch.tensor([len(e.input_ids) for e in items], device=device)
+    mask = (pos[None, :] + 1 >= starts[:, None]) & (pos[None, :] + 1 < ends[:, None])
+    return logits, targets, mask
+
+
+class _EvalMode:
+    """no_grad + eval() for the duration; restores each model's train/eval mode after."""
+
+    def __init__(self, *models: Any) -> None:
+        self.models = [m for m in models if m is not None]
+        self.modes: list[bool] = []
+        self.grad: Any = None
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+        self.grad = torch.no_grad()
+        self.grad.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.grad.__exit__(*exc)
+        for m, was in zip(self.models, self.modes):
+            m.train(was)
+
+
+# ---------------------------------------------------------------- the backend
+
+
+class TRLBackend:
+    """transformers/TRL/PEFT implementation of :class:`realign.backends.base.Backend`."""
+
+    name = "trl"
+
+    def load(self, model: str | Path, *, device: str | None = None,
+             dtype: torch.dtype | None = None) -> ModelHandle:
+        """Load a causal LM + tokenizer from a local path or a hub id (see ``resolve_model``).
+
+        ``"default"`` is the embedded SmolLM2-135M-Instruct. A directory holding a PEFT
+        adapter (``adapter_config.json``) is loaded with its base model. Device: cuda >
+        mps > cpu unless given; dtype: :func:`pick_dtype` unless given. The tokenizer
+        gets a pad token (its EOS) when it has none. Unloadable model → ``InputError``.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..models import resolve_model
+
+        src = resolve_model(model)
+        dev = pick_device(device)
+        dt = dtype or pick_dtype(dev)
+        try:
+            if isinstance(src, Path) and (src / "adapter_config.json").is_file():
+                from peft import AutoPeftModelForCausalLM
+
+                lm = AutoPeftModelForCausalLM.from_pretrained(str(src), dtype=dt)
+            else:
+                lm = AutoModelForCausalLM.from_pretrained(str(src), dtype=dt)
+            tok = AutoTokenizer.from_pretrained(str(src))
+        except (OSError, ValueError) as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+            hint = (" (the Hugging Face hub is offline here: pass a local directory or 'default')"
+                    if isinstance(src, str) else "")
+            if offline and isinstance(src, str):
+                hint = " (HF_HUB_OFFLINE=1: only local directories and 'default' can be loaded)"
+            raise InputError(f"cannot load model {str(model)!r}{hint}: {exc}", field="model") from exc
+        if tok.pad_token_id is None and tok.eos_token_id is not None:
+            tok.pad_token = tok.eos_token
+        lm.to(dev)
+        lm.eval()
+        return ModelHandle(model=lm, tokenizer=tok, device=dev, source=str(src))
+
+    # ---- scoring
+
+    def encode(self, handle: ModelHandle, prompts: Sequence[Prompt], completions: Sequence[Prompt], *,
+               max_length: int = 512) -> list[Encoded]:
+        """Tokenize pairs once (see :func:`encode_pair`); the result can be passed as ``encoded=``."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return [encode_pair(handle.tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+
+    def completion_logprobs(self, handle: ModelHandle, prompts: Sequence[Prompt],
+                            completions: Sequence[Prompt], *, batch_size: int = 8,
+                            max_length: int = 512, encoded: Sequence[Encoded] | None = None) -> LogProbs:
+        """log p_θ(y_t | x, y_<t) for every completion token y_t of each (x, y).
+
+        log p = logit[y_t] − logsumexp(logits) in float32. Batched with right padding and
+        an attention mask; batches group similar lengths, and results come back in input
+        order and do not depend on which examples share a batch.
+        """
+        enc = list(encoded) if encoded is not None else self.encode(handle, prompts, completions,
+                                                                   max_length=max_length)
+        model = _unwrap(handle)
+        pad = _pad_id(handle.tokenizer)
+        result: list[list[float]] = [[] for _ in enc]
+        with _EvalMode(model):
+            for idx in _batches(enc, batch_size):
+                logits, targets, mask = _completion_logits_batch(model, [enc[i] for i in idx], pad)
+                logits = logits.float()
+                lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+                for r, i in enumerate(idx):
+                    result[i] = lp[r][mask[r]].tolist()
+        return LogProbs(token_logps=result)
+
+    def completion_logits(self, handle: ModelHandle | Any, encoded: Sequence[Encoded], *,
+                          batch_size: int = 8, pad_id: int = 0) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Yield ``(indices, logits, mask)`` per batch: B × T × V logits and B × T completion mask.
+
+        Position t of row r predicts completion token t of example ``indices[r]``. One batch
+        at a time, so memory stays bounded for large vocabularies. Call under
+        ``torch.no_grad()`` (``kl`` does).
+        """
+        model = _unwrap(handle)
+        for idx in _batches(encoded, batch_size):
+            logits, _targets, mask = _completion_logits_batch(model, [encoded[i] for i in idx], pad_id)
+            yield idx, logits, mask
+
+    def kl(self, policy: ModelHandle | Any, reference: ModelHandle | Any | None,
+           prompts: Sequence[Prompt] = (), completions: Sequence[Prompt] = (), *,
+           tokenizer: Any = None, batch_size: int = 8, max_length: int = 512,
+           encoded: Sequence[Encoded] | None = None) -> KLResult:
+        """KL(π_θ ‖ π_ref) over the completion tokens of a probe set; see :func:`kl_on_probe`."""
+        return kl_on_probe(policy, reference, prompts, completions, tokenizer=tokenizer,
+                           batch_size=batch_size, max_length=max_length, encoded=encoded)
+
+    # ---- generation
+
+    def generate(self, handle: ModelHandle, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,
+                 batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> list[str]:
+        """One completion per prompt: greedy when ``temperature == 0``, else sampled.
+
+        Prompts get the chat template with the generation prompt; batches are left-padded.
+        Returns the decoded new tokens without special tokens.
+        """
+        tok = handle.tokenizer
+        model = _unwrap(handle)
+        device = _model_device(model)
+        pad = _pad_id(tok)
+        if seed is not None:
+            torch.manual_seed(seed)
+        ids = [encode_prompt(tok, p) for p in prompts]
+        out: list[str] = [""] * len(ids)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad}
+        if tok.eos_token_id is not None:
+            kwargs["eos_token_id"] = tok.eos_token_id
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        with _EvalMode(model):
+            for k in range(0, len(order), batch_size):
+                idx = order[k:k + batch_size]
+                length = max(len(ids[i]) for i in idx)
+                x = torch.full((len(idx), length), pad, dtype=torch.long)
+                a = torch.zeros((len(idx), length), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    x[r, length - len(ids[i]):] = torch.tensor(ids[i], dtype=torch.long)
+                    a[r, length - len(ids[i]):] = 1
+                gen = model.generate(input_ids=x.to(device), attention_mask=a.to(device), **kwargs)
+                for r, i in enumerate(idx):
+                    out[i] = tok.decode(gen[r, length:], skip_special_tokens=True)
+        return out
+
+    # ---- saving
+
+    def save(self, handle: ModelHandle, path: str | Path) -> Path:
+        """Save model (safetensors) + tokenizer to ``path`` atomically.
+
+        Written to a temporary sibling directory, then renamed into place; an existing
+        ``path`` is replaced only after the new copy is complete. A PEFT model saves its
+        adapter (``load`` then re-attaches it to its base).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        old: Path | None = None
+        try:
+            _unwrap(handle).save_pretrained(tmp, safe_serialization=True)
+            handle.tokenizer.save_pretrained(tmp)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.rename(path, old)
+            os.rename(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and old.exists():
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+
+# ---------------------------------------------------------------- KL on a probe set
+
+
+def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | None,
+                prompts: Sequence[Prompt] = (), completions: Sequence[Prompt] = (), *,
+                tokenizer: Any = None, batch_size: int = 8, max_length: int = 512,
+                encoded: Sequence[Encoded] | None = None) -> KLResult:
+    """KL(π_θ ‖ π_ref) on a held-out probe set, exact over the vocabulary.
+
+    mean = Σ_i Σ_t KL_it ÷ Σ_i T_i (nats per completion token, the gated number), with
+    KL_it = Σ_v p_θ(v|x_i,y_i,<t)(log p_θ(v|·) − log p_ref(v|·)) computed per batch by
+    :func:`realign.training_metrics.per_sequence_kl`; ``per_sequence`` holds Σ_t KL_it
+    per example, in input order.
+
+    ``policy``/``reference`` are :class:`ModelHandle` objects or raw models (e.g. the one
+    inside a ``Trainer``; a DDP wrapper is unwrapped). ``reference=None`` with a PEFT
+    policy means "the same model with its adapters disabled". The tokenizer comes from
+    whichever argument is a handle, or ``tokenizer=``. Runs under ``torch.no_grad`` in
+    eval mode and restores each model's train/eval mode afterwards.
+    """
+    from ..training_metrics import per_sequence_kl
+
+    tok = tokenizer
+    for h in (policy, reference):
+        if tok is None and isinstance(h, ModelHandle):
+            tok = h.tokenizer
+    if encoded is None:
+        if tok is None:
+            raise ValueError("kl_on_probe needs a tokenizer (a ModelHandle or tokenizer=) or encoded=")
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        encoded = [encode_pair(tok, p, c, max_length) for p, c in zip(prompts, completions)]
+    encoded = list(encoded)
+    if not encoded:
+        raise ValueError("empty probe set: KL is undefined")
+    pad = _pad_id(tok) if tok is not None else 0
+    pol = _unwrap(policy)
+    ref = _unwrap(reference) if reference is not None else None
+    disable = None
+    if ref is None:
+        disable = getattr(pol, "disable_adapter", None)
+        if disable is None:
+            raise ValueError("reference=None is only meaningful for a PEFT policy (adapters disabled)")
+
+    sums: list[float] = [0.0] * len(encoded)
+    with _EvalMode(pol, ref):
+        for idx in _batches(encoded, batch_size):
+            items = [encoded[i] for i in idx]
+            p_logits, _t, mask = _completion_logits_batch(pol, items, pad)
+            if ref is not None:
+                r_logits, _t2, _m2 = _completion_logits_batch(ref, items, pad)
+            else:
+                with disable():
+                    r_logits, _t2, _m2 = _completion_logits_batch(pol, items, pad)
+            for r, s in zip(idx, per_sequence_kl(p_logits, r_logits.to(p_logits.device), mask)):
+                sums[r] = s
+            del p_logits, r_logits
+    counts = [e.n_completion for e in encoded]
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("the probe set has no completion tokens: KL is undefined")
+    return KLResult(mean=sum(sums) / total, per_sequence=sums, counts=counts)
