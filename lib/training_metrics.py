@@ -156,6 +156,18 @@ def assess_rlvr_verifiability(*_: Any, **__: Any) -> Any:
         "a guess")
 
 
+def perplexity(token_logps: Sequence[Sequence[float]]) -> float | None:
+    """PPL = exp(−Σ_i Σ_t log p_it / Σ_i T_i): token-weighted over all sequences.
+
+    None when there are no tokens (the gate is then ``unmeasured``).
+    """
+    total = sum(len(x) for x in token_logps)
+    if total == 0:
+        return None
+    nll = -sum(float(v) for x in token_logps for v in x) / total
+    return math.exp(nll)
+
+
 # --- KL divergence from logits (stage 3 initial_kl, stage 5/6 kl_divergence) -------------
 #
 # torch is imported inside the functions: validating data must not need torch.
