@@ -7,6 +7,7 @@ it at build time); a source checkout or editable install reads the repository.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,20 +37,47 @@ def skill_files(root: Path | None = None) -> list[Path]:
 
 
 def install_skill(target: Path, *, force: bool = False) -> Path:
-    """Copy the skill files into ``target`` atomically (a temp folder, then a rename)."""
+    """Copy the skill files into ``target`` atomically (a temp folder, then a rename).
+
+    An existing ``target`` is replaced only with ``force``; the old folder is moved
+    aside first and removed after the new one is in place, so ``target`` is always a
+    complete copy. A symlink at ``target`` is replaced, never followed. A plain file at
+    ``target`` is an :class:`InputError`.
+    """
+    from .errors import InputError
+
     root = skill_root()
     target = Path(target).expanduser()
-    if target.exists() and not force:
+    exists = target.exists() or target.is_symlink()
+    if exists and not target.is_symlink() and not target.is_dir():
+        raise InputError("exists and is not a folder; remove it or choose another --target",
+                         file=target)
+    if exists and not force:
         raise FileExistsError(f"{target} already exists (use --force to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the folder: {e.strerror}", file=target.parent) from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for rel in skill_files(root):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / rel, tmp / rel)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        if exists:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old.rmdir()
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
