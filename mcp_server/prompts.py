@@ -1,0 +1,62 @@
+"""The prompt that walks an agent through the pipeline for a model and a dataset."""
+
+from __future__ import annotations
+
+from mcp.server.mcpserver import MCPServer
+
+from realign.gates import PRESETS
+
+try:
+    from realign.config import STAGES
+except ImportError:  # a library without the pipeline
+    STAGES = {}
+
+
+def register(mcp: MCPServer, tool_names: set[str]) -> None:
+    @mcp.prompt(title="Realign a model with DPO, gate by gate")
+    def dpo_pipeline(model: str, dataset: str, eval_sets: str = "",
+                     preset: str = "standard") -> str:
+        """Walk through the realign DPO workflow for MODEL on DATASET (preference pairs).
+
+        eval_sets: comma-separated evaluation files to decontaminate against.
+        preset: relaxed, standard or strict.
+        """
+        evals = [e.strip() for e in eval_sets.split(",") if e.strip()]
+        if preset not in PRESETS:
+            preset = "standard"
+        ev = f", eval_sets={evals!r}" if evals else ""
+        stages = ", ".join(f"{n} ({k})" for n, k in STAGES.items()) or "see workflow.md"
+        steps = [
+            f"You are realigning the model `{model}` with DPO on the preference data "
+            f"`{dataset}`, using the realign MCP tools. Every stage ends with a quality gate; "
+            "report the numbers the tools return, never estimates.",
+            "1. Read the skill first: resources/read skill://realign-dpo-workflow/SKILL.md "
+            "(then workflow.md and the stage docs it links, only as needed).",
+            f"2. Call get_thresholds(preset='{preset}') and keep the gate table in mind.",
+            f"3. Call validate_preference_data(path='{dataset}'{ev}, preset='{preset}'). "
+            "If a gate fails, read findings (duplicates, identical, empty, contaminated, "
+            "malformed line numbers) and fix the data, e.g. clean_preference_data(path, "
+            "output) writes the usable pairs; never lower a threshold to pass.",
+        ]
+        if evals:
+            steps.append(f"4. Call check_decontamination(path='{dataset}', eval_sets={evals!r}) "
+                         "and list which pairs contain which evaluation items.")
+        else:
+            steps.append("4. Without evaluation sets the decontamination gate is unmeasured: "
+                         "ask the user which benchmarks the model will be evaluated on.")
+        steps += [
+            "5. Write a run config (templates.md has the full example) with at least "
+            f"`model: {model}`, `data: {dataset}`, `preset: {preset}`"
+            + (f", `eval_sets: {evals}`" if evals else "") + ".",
+            f"6. Call start_pipeline(config_path=...). Stages, in order: {stages}. "
+            "It returns a run id at once.",
+            "7. Poll run_status(run=<id>) every minute or so; report the current stage and "
+            "progress. Each finished stage's verdict is also the resource "
+            "realign://runs/<id>/stages/<k>-<name>/verdict.json.",
+            "8. On state 'failed', show the failing gate (value, op, threshold, detail), "
+            "explain it using the stage doc, and propose a fix; on 'interrupted', call "
+            "resume_run(run=<id>). On 'passed', summarise every gate.",
+        ]
+        if "compute_kl" in tool_names:
+            steps.append("During DPO, compute_kl measures KL(policy || reference) on a probe set.")
+        return "\n".join(steps)

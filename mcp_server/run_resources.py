@@ -1,0 +1,54 @@
+"""Run records as resources: ``realign://runs/<id>/...`` reads files of the runs directory.
+
+Templates (read-only JSON):
+
+* ``realign://runs/{run_id}/run.json``        config, seed, package versions, hardware
+* ``realign://runs/{run_id}/status.json``     state, current stage, progress
+* ``realign://runs/{run_id}/stages/{stage}/verdict.json``  a stage verdict; ``stage`` is
+  the stage folder ``<k>-<name>`` (e.g. ``2-preference_data``) or the bare stage name
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError
+
+from realign.config import STAGES
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def register(mcp: MCPServer, runs_dir: Path) -> None:
+    def run_file(run_id: str, *parts: str) -> str:
+        for part in (run_id, *parts):
+            if not _NAME.match(part) or part in (".", ".."):
+                raise ResourceError(f"'{part}' is not a run or stage name")
+        p = runs_dir.joinpath(run_id, *parts)
+        real = p.resolve()
+        if not real.is_relative_to(runs_dir.resolve()):
+            raise ResourceError(f"{p} is outside the runs directory")
+        if not real.is_file():
+            raise ResourceError(f"no such run file: {p} (list_runs shows the runs)")
+        return real.read_text(encoding="utf-8")
+
+    @mcp.resource("realign://runs/{run_id}/run.json", mime_type="application/json",
+                  description="A run's record: config, seed, package versions, hardware")
+    def run_json(run_id: str) -> str:
+        return run_file(run_id, "run.json")
+
+    @mcp.resource("realign://runs/{run_id}/status.json", mime_type="application/json",
+                  description="A run's state, current stage and progress")
+    def status_json(run_id: str) -> str:
+        return run_file(run_id, "status.json")
+
+    @mcp.resource("realign://runs/{run_id}/stages/{stage}/verdict.json",
+                  mime_type="application/json",
+                  description="A stage verdict: gates (value, threshold, op, status), findings, "
+                              "artifacts. stage: '<k>-<name>' or the stage name")
+    def verdict_json(run_id: str, stage: str) -> str:
+        if stage in STAGES:
+            stage = f"{STAGES[stage]}-{stage}"
+        return run_file(run_id, "stages", stage, "verdict.json")
