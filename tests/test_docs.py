@@ -727,3 +727,33 @@ def test_config_template_is_valid_yaml_and_a_valid_run_config():
     except ImportError:
         pytest.skip("realign.config (the pipeline config) is not in the code yet")
     RunConfig.model_validate(data)  # raises on an unknown or badly typed field
+
+
+def test_validate_options_table_is_complete_and_defaults_match():
+    """docs/preference-data-generation.md documents every `realign validate` option, with
+    the code's default where the default is a number or a word."""
+    text = skill_docs()["docs/preference-data-generation.md"]
+    cmd = cli_tree().commands["validate"]
+    params = {p.opts[0]: p for p in cmd.params if p.opts and p.opts[0].startswith("--")}
+    documented: dict[str, str] = {}
+    for table in tables_of(lines_of(text)):
+        header = [_header_key(c) for c in _cells(table[0].text)]
+        if header[:2] != ["option", "default"]:
+            continue
+        for row in table[2:]:
+            cells = _cells(row.text)
+            opt = OPTION.search(cells[0])
+            if opt:
+                documented[opt.group(1)] = cells[1].replace("`", "").strip()
+    assert documented, "no '| option | default |' table in preference-data-generation.md"
+    assert set(documented) == set(params), (
+        f"undocumented: {sorted(set(params) - set(documented))}; "
+        f"not options: {sorted(set(documented) - set(params))}")
+    for opt, cell in documented.items():
+        default = params[opt].default
+        if isinstance(default, bool) or default is None:
+            continue
+        if isinstance(default, (int, float)):
+            assert _same(float(cell), float(default)), f"{opt}: doc {cell}, code {default}"
+        else:
+            assert cell == str(default), f"{opt}: doc {cell}, code {default}"
