@@ -100,18 +100,25 @@ def test_tiny_model_is_deterministic_per_seed(tmp_path):
 
 @pytest.mark.e2e
 def test_default_model_materializes_and_answers():
-    """The real default model: dequantized, saved as safetensors, not flagged quantized."""
+    """The real default model: dequantized, saved as safetensors, not flagged quantized,
+    loaded through the backend by the name "default", and it knows the capital of France."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from realign.backends.trl import TRLBackend
 
     path = models.default_model_path()
     assert (path / "model.safetensors").is_file()
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    assert not getattr(model, "is_quantized", False)
-    assert getattr(model.config, "quantization_config", None) is None
-    assert model.dtype == torch.float32 and tok.chat_template
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**enc, max_new_tokens=20, do_sample=False)
-    assert "Paris" in tok.decode(out[0][enc["input_ids"].shape[1]:])
+    assert models.default_model_path() == path  # reused, not rebuilt
+    be = TRLBackend()
+    h = be.load("default", device="cpu")
+    assert Path(h.source) == path
+    assert not getattr(h.model, "is_quantized", False)
+    assert getattr(h.model.config, "quantization_config", None) is None
+    assert h.model.dtype == torch.float32 and h.has_chat_template
+    assert h.model.config.num_hidden_layers == 30 and h.model.config.vocab_size == 49152
+    answer = be.generate(h, ["What is the capital of France?"], max_new_tokens=20)[0]
+    assert "Paris" in answer
+    # the right answer is more likely than a wrong one under the model's own log-probs
+    lp = be.completion_logprobs(h, ["What is the capital of France?"] * 2,
+                                ["The capital of France is Paris.", "The capital of France is Berlin."])
+    assert lp.sums[0] > lp.sums[1]

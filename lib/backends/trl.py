@@ -313,7 +313,7 @@ class TRLBackend:
         return LogProbs(token_logps=result)
 
     def completion_logits(self, handle: ModelHandle | Any, encoded: Sequence[Encoded], *,
-                          batch_size: int = 8, pad_id: int = 0) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+                          batch_size: int = 8, pad_id: int | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Yield ``(indices, logits, mask)`` per batch: B × T × V logits and B × T completion mask.
 
         Position t of row r predicts completion token t of example ``indices[r]``. One batch
@@ -321,6 +321,8 @@ class TRLBackend:
         ``torch.no_grad()`` (``kl`` does).
         """
         model = _unwrap(handle)
+        if pad_id is None:
+            pad_id = _pad_id(handle.tokenizer) if isinstance(handle, ModelHandle) else 0
         for idx in _batches(encoded, batch_size):
             logits, _targets, mask = _completion_logits_batch(model, [encoded[i] for i in idx], pad_id)
             yield idx, logits, mask
