@@ -18,7 +18,7 @@ from mcp.server.mcpserver import MCPServer
 
 import realign
 
-from . import prompts, validators
+from . import prompts, training_tools, validators
 from .paths import PathPolicy
 from .skills import ServedSkill, SkillsExtension, realign_skill
 
@@ -60,6 +60,7 @@ def build_server(
     )
     mcp.middleware.append(_legacy_extensions_middleware(mcp))
     names = validators.register(mcp, policy)
+    names += training_tools.register(mcp, policy)
     try:  # the pipeline tools exist only when the library has the pipeline
         from . import pipeline_tools, run_resources
     except ImportError as e:
