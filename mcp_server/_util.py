@@ -44,18 +44,18 @@ async def run_blocking(
     """Run ``fn`` in a worker thread; expected errors become :class:`ToolError`.
 
     With ``progress_kw`` the function receives a ``(done, total)`` callback under that
-    keyword, forwarded to ``ctx.report_progress`` at most every ``min_interval`` seconds
-    (and always for the final step).
+    keyword, forwarded to ``ctx.report_progress``: every new message and the final step,
+    and repeats of the same message at most every ``min_interval`` seconds.
     """
     if ctx is not None and progress_kw is not None:
-        last = [0.0]
+        last: list[Any] = [0.0, object()]  # time, message of the last forwarded update
 
         def progress(done: float, total: float | None = None, message: str | None = None) -> None:
             now = time.monotonic()
             final = total is not None and done >= total
-            if not final and now - last[0] < min_interval:
+            if not final and message == last[1] and now - last[0] < min_interval:
                 return
-            last[0] = now
+            last[0], last[1] = now, message
             try:
                 anyio.from_thread.run(ctx.report_progress, float(done),
                                       None if total is None else float(total), message)

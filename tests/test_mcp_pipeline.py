@@ -151,3 +151,22 @@ async def test_run_resources_reject_traversal(tmp_path: Path) -> None:
                     "realign://runs/missing/run.json"):
             with pytest.raises(MCPError):
                 await c.read_resource(uri)
+
+
+@pytest.mark.integration
+async def test_tiny_model_stage_reports_progress(tmp_path: Path, tiny_model_path: Path) -> None:
+    pytest.importorskip("torch")
+    seen: list[str | None] = []
+
+    async def on_progress(p: float, total: float | None, msg: str | None) -> None:
+        seen.append(msg)
+
+    cfg = config(tmp_path, model=str(tiny_model_path), stages=["preference_data", "reference_init"],
+                 device="cpu")
+    async with Client(build_server(runs_dir=tmp_path / "runs")) as c:
+        st = await call(c, "run_pipeline", {"config_path": str(cfg), "run_id": "tiny"},
+                        progress_callback=on_progress)
+    stages = {s["name"]: s for s in st["stages"]}
+    init = {g["name"]: g for g in stages["reference_init"]["verdict"]["gates"]}["initial_kl"]
+    assert init["status"] == "pass" and init["value"] < 1e-4
+    assert "loading reference" in seen and "measuring initial KL" in seen
