@@ -42,6 +42,9 @@ ScaleArg = Annotated[str, Field(description="scale of score_chosen/score_rejecte
 NgramArg = Annotated[int, Field(ge=2, le=13, description="decontamination n-gram size (words)")]
 CoverageArg = Annotated[float, Field(gt=0, le=1, description="share of an evaluation item's words "
                                                              "a pair must cover to be contaminated")]
+#: The library's documented defaults (DecontamConfig), not numbers of this module.
+NGRAM = DecontamConfig.model_fields["ngram"].default
+MIN_COVERAGE = DecontamConfig.model_fields["min_coverage"].default
 
 
 class GateThreshold(BaseModel):
@@ -123,8 +126,8 @@ def register(mcp: MCPServer, policy: PathPolicy) -> list[str]:
         score_scale: ScaleArg = "auto",
         skip_bad_rows: Annotated[bool, Field(description="list malformed rows as findings "
                                                          "instead of stopping at the first")] = False,
-        ngram: NgramArg = 3,
-        min_coverage: CoverageArg = 0.75,
+        ngram: NgramArg = NGRAM,
+        min_coverage: CoverageArg = MIN_COVERAGE,
         split: Annotated[str | None, Field(description="split of a saved DatasetDict")] = None,
     ) -> StageVerdict:
         """Stage 2: validate DPO preference pairs and return the stage verdict.
@@ -151,8 +154,8 @@ def register(mcp: MCPServer, policy: PathPolicy) -> list[str]:
         score_scale: ScaleArg = "auto",
         skip_bad_rows: Annotated[bool, Field(description="drop malformed rows instead of "
                                                          "stopping at the first")] = False,
-        ngram: NgramArg = 3,
-        min_coverage: CoverageArg = 0.75,
+        ngram: NgramArg = NGRAM,
+        min_coverage: CoverageArg = MIN_COVERAGE,
         split: Annotated[str | None, Field(description="split of a saved DatasetDict")] = None,
     ) -> StageVerdict:
         """Validate like validate_preference_data and write the usable pairs to `output`.
@@ -176,8 +179,8 @@ def register(mcp: MCPServer, policy: PathPolicy) -> list[str]:
         eval_field: FieldArg = None,
         preset: Preset = DEFAULT_PRESET,
         thresholds: OverridesArg = {},  # noqa: B006
-        ngram: NgramArg = 3,
-        min_coverage: CoverageArg = 0.75,
+        ngram: NgramArg = NGRAM,
+        min_coverage: CoverageArg = MIN_COVERAGE,
         skip_bad_rows: bool = False,
         split: str | None = None,
     ) -> DecontaminationReport:
