@@ -128,7 +128,10 @@ def serve(
         if not r.is_dir():
             raise typer.BadParameter(f"{r} is not a directory", param_hint="--root")
     policy = PathPolicy.confined(root) if (http or root) else PathPolicy()
-    mcp = build_server(policy=policy, runs_dir=runs_dir, log_level=log_level)
+    try:
+        mcp = build_server(policy=policy, runs_dir=runs_dir, log_level=log_level)
+    except ValueError as e:  # --runs-dir outside the roots
+        raise typer.BadParameter(str(e), param_hint="--runs-dir") from None
     if not http:
         mcp.run("stdio")
         return
