@@ -108,6 +108,7 @@ def _materialize(src_dir: Path, gguf_file: str, target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE_MARKER).write_text(f"materialized from {GGUF_PACKAGE}/{gguf_file}\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
         try:
             os.rename(tmp, target)
         except OSError:
@@ -194,6 +195,7 @@ def default_tokenizer_path() -> Path:
         try:
             tokenizer.save_pretrained(tmp)
             (tmp / _COMPLETE_MARKER).write_text(f"tokenizer from {GGUF_PACKAGE}/{gguf_file}\n")
+            os.chmod(tmp, 0o755)
             try:
                 os.rename(tmp, target)
             except OSError:
