@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import InputError, RealignError
@@ -100,7 +101,7 @@ def print_verdict(verdict: StageVerdict, *, top: int = 10) -> None:
         more = f" … and {len(items) - top} more" if len(items) > top else ""
         out.print(f"[bold]{key}[/] ({len(items)}): {text}{more}", highlight=False)
     for w in verdict.warnings:
-        out.print(f"[yellow]warning:[/] {w}")
+        out.print(f"[yellow]warning:[/] {escape(w)}")
     out.print(f"verdict: [{STATUS_STYLE[verdict.status]}]{verdict.status}[/]")
 
 

@@ -1,0 +1,192 @@
+"""CLI commands for the pipeline: run, resume, stage, status, runs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.table import Table
+
+from .cli import STATUS_STYLE, app, err, fail_input, out, print_verdict
+from .errors import InputError, RealignError
+
+RUN_EXIT = {"passed": 0, "failed": 1, "incomplete": 3, "interrupted": 1, "created": 3,
+            "running": 3}
+
+
+@contextmanager
+def stage_progress(enabled: bool) -> Iterator[Callable[[float, float | None, str], None] | None]:
+    """One Rich progress bar on stderr that follows the current stage's (done, total, message)."""
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=False) as bar:
+        task = bar.add_task("starting", total=None)
+        state = {"msg": ""}
+
+        def update(done: float, total: float | None, msg: str) -> None:
+            if msg != state["msg"]:
+                state["msg"] = msg
+                bar.reset(task, total=total, description=msg)
+            bar.update(task, completed=done, total=total, description=msg)
+
+        yield update
+
+
+def _finish(status: object, as_json: bool) -> None:
+    from .pipeline import RunStatus
+
+    assert isinstance(status, RunStatus)
+    if as_json:
+        sys.stdout.write(status.model_dump_json() + "\n")
+    else:
+        _print_status(status)
+    raise typer.Exit(RUN_EXIT.get(status.state, 1))
+
+
+def _print_status(status: object, verbose: bool = True) -> None:
+    from .pipeline import RunStatus
+
+    assert isinstance(status, RunStatus)
+    table = Table(title=f"run {status.run_id} — {status.state}")
+    for c in ("stage", "status", "gates"):
+        table.add_column(c, overflow="fold")
+    for s in status.stages:
+        gates = ""
+        if s.verdict:
+            gates = ", ".join(
+                f"{g.name}={'—' if g.value is None else f'{g.value:.4g}'} [{STATUS_STYLE[g.status]}]{g.status}[/]"
+                for g in s.verdict.gates)
+        style = STATUS_STYLE.get(s.status, "")
+        table.add_row(f"{s.number} {s.name}", f"[{style}]{s.status}[/]" if style else s.status, gates)
+    out.print(table)
+    if status.message:
+        out.print(status.message)
+    if verbose:
+        for s in status.stages:
+            for w in (s.verdict.warnings if s.verdict else []):
+                out.print(f"[yellow]warning ({s.name}):[/] {escape(w)}")
+    out.print(f"run directory: {status.run_dir}")
+
+
+def _guard(fn: Callable[[], object]) -> object:
+    from .pipeline import RunBusyError
+
+    try:
+        return fn()
+    except (InputError, RunBusyError) as e:
+        fail_input(str(e))
+    except RealignError as e:
+        fail_input(str(e))
+    return None
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="run config (YAML; see templates.md)")],
+    run_id: Annotated[Optional[str], typer.Option(help="name of the run directory")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the final run status as JSON")] = False,
+) -> None:
+    """Run the pipeline stages of a config, gate by gate, in a new run directory."""
+    from .config import load_config
+    from .pipeline import create_run, run_stages
+
+    cfg = _guard(lambda: load_config(config))
+    if run_id:
+        cfg = cfg.model_copy(update={"run_id": run_id})  # type: ignore[union-attr]
+    run_dir = _guard(lambda: create_run(cfg))  # type: ignore[arg-type]
+    err.print(f"run directory: {run_dir}")
+    with stage_progress(err.is_terminal or not as_json) as cb:
+        status = _guard(lambda: run_stages(run_dir, progress=cb))  # type: ignore[arg-type]
+    _finish(status, as_json)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (runs/<run-id>)")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Continue a run from its last completed stage (stage 5 from its last checkpoint)."""
+    from .pipeline import resume as _resume
+
+    with stage_progress(err.is_terminal or not as_json) as cb:
+        status = _guard(lambda: _resume(run_dir, progress=cb))
+    _finish(status, as_json)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="sft_baseline, preference_data, reference_init or dpo")],
+    run_dir: Annotated[Optional[Path], typer.Option("--run", help="existing run directory")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="config for a new run")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run (or rerun) one stage; earlier stages it needs must have run in the same run dir."""
+    from .config import STAGES, load_config
+    from .pipeline import create_run, run_stages
+
+    if name not in STAGES:
+        fail_input(f"unknown stage '{name}' (choose from {', '.join(STAGES)})")
+    if (run_dir is None) == (config is None):
+        fail_input("give exactly one of --run RUN_DIR or --config FILE")
+    if run_dir is None:
+        cfg = _guard(lambda: load_config(config))  # type: ignore[arg-type]
+        run_dir = _guard(lambda: create_run(cfg))  # type: ignore[arg-type]
+    with stage_progress(err.is_terminal or not as_json) as cb:
+        status = _guard(lambda: run_stages(run_dir, stages=[name], force=True, progress=cb))  # type: ignore[arg-type]
+    from .pipeline import RunStatus
+
+    assert isinstance(status, RunStatus)
+    st = next((s for s in status.stages if s.name == name), None)
+    if as_json:
+        sys.stdout.write((st.verdict.model_dump_json() if st and st.verdict else "{}") + "\n")
+    elif st and st.verdict:
+        print_verdict(st.verdict)
+    code = {"pass": 0, "fail": 1, "incomplete": 3}.get(st.verdict.status if st and st.verdict else "", 1)
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (runs/<run-id>)")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a run's state, current stage, progress and gate results."""
+    from .pipeline import run_status
+
+    st = _guard(lambda: run_status(run_dir))
+    if as_json:
+        sys.stdout.write(st.model_dump_json() + "\n")  # type: ignore[union-attr]
+        return
+    _print_status(st)
+
+
+@app.command("runs")
+def runs_cmd(
+    root: Annotated[Path, typer.Argument(help="folder holding run directories")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the runs under a folder (newest first)."""
+    import json
+
+    from .pipeline import list_runs
+
+    runs = list_runs(root)
+    if as_json:
+        sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in runs]) + "\n")
+        return
+    table = Table(title=f"runs in {root}")
+    for c in ("run", "state", "stage", "message"):
+        table.add_column(c)
+    for r in runs:
+        table.add_row(r.run_id, r.state, r.current_stage or "", r.message)
+    out.print(table)
+
+

@@ -1,0 +1,48 @@
+"""Stage 2, preference data: validate the configured pairs and split them.
+
+Runs :func:`realign.validation.validate_file` (gates ``min_pairs``, ``preference_gap``,
+``decontamination``, ``length_bias``) with ``--write-clean`` into the stage folder, then
+converts the usable pairs to TRL's conversational format and splits them into
+``train.jsonl`` and ``heldout.jsonl`` (:func:`realign.stages.common.split_heldout`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..gates import StageVerdict
+from ..pipeline import RunContext, file_digest
+from ..validation import validate_file
+from .common import read_rows, split_heldout, to_trl_row, write_jsonl
+
+NAME = "preference_data"
+
+
+def run(ctx: RunContext) -> StageVerdict:
+    cfg = ctx.config
+    out = ctx.stage_dir(NAME)
+    src = Path(cfg.data)
+    clean = out / ("clean" + (src.suffix if src.is_file() else ""))
+    ctx.progress(0, None, "validating preference data")
+
+    def prog(done: int, total: int) -> None:
+        ctx.progress(done, total, "validating preference data")
+
+    verdict = validate_file(
+        cfg.data, eval_sets=list(cfg.eval_sets), eval_field=cfg.eval_field,
+        thresholds=ctx.thresholds, score_scale=cfg.score_scale,
+        skip_bad_rows=cfg.skip_bad_rows, write_clean=clean, split=cfg.data_split, progress=prog)
+    rows = [to_trl_row(r) for r in read_rows(clean)]
+    if len(rows) >= 2:
+        train, heldout = split_heldout(rows, fraction=cfg.heldout.fraction,
+                                       min_pairs=cfg.heldout.min_pairs,
+                                       max_pairs=cfg.heldout.max_pairs, seed=cfg.seed)
+        write_jsonl(out / "train.jsonl", train)
+        write_jsonl(out / "heldout.jsonl", heldout)
+        verdict.artifacts.update(
+            train=str(out / "train.jsonl"), heldout=str(out / "heldout.jsonl"),
+            train_pairs=len(train), heldout_pairs=len(heldout),
+            train_digest=file_digest(out / "train.jsonl"),
+            heldout_digest=file_digest(out / "heldout.jsonl"))
+    verdict.artifacts["clean_digest"] = file_digest(clean)
+    return verdict

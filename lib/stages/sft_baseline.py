@@ -1,0 +1,122 @@
+"""Stage 1, SFT baseline: the starting model and its measured baseline.
+
+* Optional SFT through TRL's ``SFTTrainer`` when ``sft.dataset`` is set (rows with
+  ``prompt``/``completion``, ``messages``, or ``text``); the trained model is saved in
+  the stage folder and becomes the base of the later stages.
+* Gate ``baseline_perplexity``: PPL = exp(−Σ log p(token) / Σ tokens) of the model on
+  held-out responses given their prompts (chat template applied): the chosen responses
+  of the preference data's held-out split (:func:`realign.stages.common.split_heldout`,
+  the same split stage 2 uses), or the held-out 10% of the SFT set when one is given.
+* Baseline capability scores: when ``sft.benchmarks`` lists suites, they are evaluated
+  through :mod:`realign.evaluation` and saved as ``baseline_benchmarks.json``; stage 7
+  compares against them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..gates import StageVerdict, make_verdict
+from ..models import resolve_model
+from ..pipeline import RunContext, file_digest, write_json_atomic
+from ..training_metrics import perplexity
+from .common import read_rows, split_heldout, to_trl_row
+
+NAME = "sft_baseline"
+
+
+def heldout_rows(ctx: RunContext) -> list[dict[str, Any]]:
+    cfg = ctx.config
+    rows = [to_trl_row(r) for r in read_rows(cfg.data, cfg.data_split)]
+    _, held = split_heldout(rows, fraction=cfg.heldout.fraction, min_pairs=cfg.heldout.min_pairs,
+                            max_pairs=cfg.heldout.max_pairs, seed=cfg.seed)
+    return held
+
+
+def _sft_rows(path: str) -> list[dict[str, Any]]:
+    """SFT data as prompt/completion message lists (prompt may be empty for plain text)."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "messages" in r:
+                msgs = r["messages"]
+                out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+            elif "prompt" in r and "completion" in r:
+                out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
+                            "completion": [{"role": "assistant", "content": r["completion"]}]})
+            elif "instruction" in r and ("response" in r or "output" in r):
+                out.append({"prompt": [{"role": "user", "content": r["instruction"]}],
+                            "completion": [{"role": "assistant",
+                                            "content": r.get("response", r.get("output"))}]})
+            else:
+                from ..errors import InputError
+
+                raise InputError("expected messages, prompt/completion or instruction/response",
+                                 file=path, line=i)
+    return out
+
+
+def run(ctx: RunContext) -> StageVerdict:
+    from ..backends.trl import TRLBackend
+
+    cfg = ctx.config
+    out = ctx.stage_dir(NAME)
+    backend = TRLBackend()
+    model_path = resolve_model(cfg.model)
+    artifacts: dict[str, Any] = {"base_model": str(model_path), "model": str(model_path)}
+    warnings: list[str] = []
+    findings: dict[str, Any] = {}
+
+    if cfg.sft.dataset:
+        sft = _sft_rows(cfg.sft.dataset)
+        fake = [{"prompt": r["prompt"], "chosen": r["completion"]} for r in sft]
+        train, held = split_heldout(fake, fraction=0.1, min_pairs=2, max_pairs=cfg.sft.eval_responses,
+                                    seed=cfg.seed)
+        prompts, completions = [r["prompt"] for r in held], [r["chosen"] for r in held]
+        handle = backend.load(model_path, device=cfg.device)
+        before = backend.completion_logprobs(handle, prompts, completions,
+                                             max_length=cfg.sft.max_length)
+        findings["perplexity_before_sft"] = perplexity(before.token_logps)
+        ctx.progress(0, cfg.sft.max_steps, "SFT training")
+        from ..backends.trl_train import train_sft
+
+        trained = train_sft(
+            handle, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in train],
+            output_dir=out / "checkpoints", learning_rate=cfg.sft.learning_rate,
+            max_steps=cfg.sft.max_steps, batch_size=cfg.sft.batch_size,
+            max_length=cfg.sft.max_length, seed=cfg.seed, progress=ctx.progress)
+        saved = backend.save(trained, out / "model")
+        artifacts.update(model=str(saved), model_digest=file_digest(saved))
+        handle = trained
+    else:
+        held = heldout_rows(ctx)[: cfg.sft.eval_responses]
+        prompts, completions = [r["prompt"] for r in held], [r["chosen"] for r in held]
+        handle = backend.load(model_path, device=cfg.device)
+
+    ctx.progress(0, None, "measuring baseline perplexity")
+    lp = backend.completion_logprobs(handle, prompts, completions, max_length=cfg.sft.max_length)
+    ppl = perplexity(lp.token_logps)
+    tokens = sum(lp.counts)
+    gates = [ctx.thresholds.evaluate(
+        "baseline_perplexity", ppl,
+        detail=f"exp(mean NLL) over {tokens} tokens of {len(completions)} held-out responses")]
+
+    if cfg.sft.benchmarks:
+        try:
+            from ..evaluation import evaluate_model
+        except ImportError:
+            warnings.append("benchmarks configured but realign.evaluation is not available; "
+                            "baseline capability scores were not recorded")
+        else:
+            ctx.progress(0, None, "baseline benchmarks")
+            results = evaluate_model(handle.model, handle.tokenizer, cfg.sft.benchmarks,
+                                     limit=cfg.sft.benchmark_limit)
+            path = out / "baseline_benchmarks.json"
+            write_json_atomic(path, results)
+            artifacts["baseline_benchmarks"] = str(path)
+    return make_verdict(NAME, gates, ctx.thresholds, findings, artifacts, warnings)
