@@ -1,0 +1,334 @@
+"""Capability benchmarks through lm-evaluation-harness, in-process, with per-item results.
+
+:func:`evaluate_model` wraps an already loaded ``transformers`` model in lm-eval's
+``HFLM`` and runs :func:`lm_eval.simple_evaluate` on
+
+* the offline suites shipped in ``realign/suites/`` (lm-eval task YAMLs + JSONL data,
+  no hub access; :func:`list_suites`), and
+* any lm-eval task or group name the user gives (e.g. ``arc_easy``). Those load their
+  data from the Hugging Face hub, so offline they fail with :class:`EvaluationError`.
+
+Per suite it returns the primary metric, its score (mean over items), the item count
+and the per-item scores in lm-eval's document order, each with a stable item id (the
+``id`` field of the document when it has one, else the document index). The per-item
+scores feed :func:`realign.training_metrics.capability_retention`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+from .errors import InputError, MissingDependencyError, RealignError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .training_metrics import RetentionResult
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+
+
+class EvaluationError(RealignError):
+    """A benchmark could not run (e.g. an lm-eval hub task while offline)."""
+
+
+class SuiteInfo(BaseModel):
+    """A shipped offline suite."""
+
+    name: str
+    description: str
+    metric: str = Field(description="primary lm-eval metric key, 'metric,filter'")
+    chance: float = Field(description="score of a uniform random guesser (multiple choice) "
+                                      "or ~0 for open generation checked exactly")
+    chat_template: bool = Field(description="run through the tokenizer's chat template "
+                                            "by default (when the tokenizer has one)")
+    data_file: str
+    n_items: int = 0
+
+
+_SUITES: dict[str, SuiteInfo] = {
+    s.name: s for s in [
+        SuiteInfo(name="realign_knowledge",
+                  description="general-knowledge multiple choice (4 options: capitals, "
+                              "chemical symbols, opposites, everyday facts), log-likelihood",
+                  metric="acc,none", chance=0.25, chat_template=False,
+                  data_file="knowledge.jsonl"),
+        SuiteInfo(name="realign_arith",
+                  description="short integer arithmetic (+, -, ×), greedy one-line answer, "
+                              "exact match of its last integer",
+                  metric="exact_match,last_integer", chance=0.0, chat_template=True,
+                  data_file="arith.jsonl"),
+        SuiteInfo(name="realign_format",
+                  description="format instructions checked by code (all caps, lowercase, one "
+                              "word, JSON key, first word, yes/no, number only, 3 bullets)",
+                  metric="follows,none", chance=0.0, chat_template=True,
+                  data_file="format.jsonl"),
+    ]
+}
+
+#: The suites stage 1 and stage 7 run when the config names none.
+DEFAULT_SUITES: tuple[str, ...] = tuple(_SUITES)
+
+
+class ItemScore(BaseModel):
+    """One item of a suite: its id and its score under the suite's primary metric."""
+
+    id: str
+    score: float
+
+
+class SuiteResult(BaseModel):
+    """The result of one lm-eval task (a shipped suite or a user-named task)."""
+
+    suite: str
+    metric: str = Field(description="lm-eval metric key 'metric,filter'")
+    score: float | None = Field(description="mean of the per-item scores")
+    n: int
+    items: list[ItemScore] = Field(description="per-item scores in document order")
+    shipped: bool
+    chance: float | None = None
+    apply_chat_template: bool
+    detail: str = ""
+
+    def scores(self) -> list[float]:
+        return [i.score for i in self.items]
+
+    def by_id(self) -> dict[str, float]:
+        return {i.id: i.score for i in self.items}
+
+
+class BenchmarkResults(BaseModel):
+    """Results of :func:`evaluate_model`: one :class:`SuiteResult` per lm-eval leaf task."""
+
+    suites: dict[str, SuiteResult]
+    limit: int | None = None
+    batch_size: int
+    device: str
+    seconds: float
+    lm_eval_version: str
+
+    def scores(self) -> dict[str, float | None]:
+        return {k: v.score for k, v in self.suites.items()}
+
+
+def list_suites() -> list[SuiteInfo]:
+    """The shipped offline suites, with their item counts."""
+    out = []
+    for s in _SUITES.values():
+        path = SUITES_DIR / "data" / s.data_file
+        n = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        out.append(s.model_copy(update={"n_items": n}))
+    return out
+
+
+def _require_lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ModuleNotFoundError as e:  # pragma: no cover - depends on the install
+        raise MissingDependencyError(
+            "benchmarks need lm-evaluation-harness: pip install 'realign[eval]'") from e
+    return lm_eval
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval(verbose: bool) -> Iterator[None]:
+    """lm-eval logs every task config at INFO/WARNING; keep our output readable."""
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("lm_eval")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 16, device: str | None = None,
+            max_length: int | None = None) -> Any:
+    """Wrap a loaded causal LM (``transformers.PreTrainedModel``) in lm-eval's ``HFLM``.
+
+    ``device`` moves the model there first (``model.to(device)``); HFLM then runs on the
+    model's device. The model is put in eval mode.
+    """
+    _require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    if device is not None:
+        model.to(device)
+    model.eval()
+    with _quiet_lm_eval(False):
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                    max_length=max_length)
+
+
+_FULL_TM: list[Any] = []  # lm-eval's full task index, built once per process
+
+
+def _task_manager(names: Sequence[str], *, search_lm_eval: bool = True) -> Any:
+    """A TaskManager that knows the shipped suites (+ lm-eval's own tasks when needed).
+
+    Indexing lm-eval's ~200 built-in task folders takes seconds (tens of seconds on a
+    loaded CPU), so it happens only when a name is not a shipped suite, once per process.
+    Unknown names raise :class:`InputError`.
+    """
+    from lm_eval.tasks import TaskManager
+
+    if search_lm_eval and any(n not in _SUITES for n in names):
+        if not _FULL_TM:
+            _FULL_TM.append(TaskManager(include_path=str(SUITES_DIR), include_defaults=True))
+        tm = _FULL_TM[0]
+    else:
+        tm = TaskManager(include_path=str(SUITES_DIR), include_defaults=False)
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        raise InputError(
+            f"unknown suite or lm-eval task {', '.join(repr(u) for u in unknown)}; shipped "
+            f"suites: {', '.join(_SUITES)}; lm-eval tasks: `lm_eval ls tasks`", field="suite")
+    return tm
+
+
+def _primary_metric(task_results: dict[str, Any], config: dict[str, Any] | None) -> str | None:
+    """First metric of the task's metric_list (first filter), else the first result key."""
+    keys = [k for k, v in task_results.items()
+            if "," in k and "_stderr" not in k.split(",")[0] and isinstance(v, (int, float))]
+    if config:
+        for m in config.get("metric_list") or []:
+            for k in keys:
+                if k.split(",")[0] == m.get("metric"):
+                    return k
+    return keys[0] if keys else None
+
+
+def _suite_result(name: str, samples: list[dict[str, Any]], task_results: dict[str, Any],
+                  config: dict[str, Any] | None, chat: bool) -> SuiteResult:
+    info = _SUITES.get(name)
+    metric = info.metric if info else _primary_metric(task_results, config)
+    detail = ""
+    items: list[ItemScore] = []
+    if metric is None:
+        detail = "no numeric metric in lm-eval's results"
+    else:
+        mname, filt = metric.split(",", 1)
+        rows = sorted((s for s in samples if s.get("filter") == filt), key=lambda s: s["doc_id"])
+        for s in rows:
+            value = s.get(mname)
+            try:
+                score = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                detail = (f"metric {mname} is not a per-item number (corpus-level metric); "
+                          "no per-item scores")
+                items = []
+                break
+            doc = s.get("doc") or {}
+            item_id = str(doc["id"]) if isinstance(doc, dict) and "id" in doc else str(s["doc_id"])
+            items.append(ItemScore(id=item_id, score=score))
+    score = (sum(i.score for i in items) / len(items)) if items else None
+    if score is None and metric is not None and isinstance(task_results.get(metric), (int, float)):
+        score = float(task_results[metric])
+    if score is not None and math.isnan(score):
+        score = None
+    return SuiteResult(suite=name, metric=metric or "", score=score, n=len(items), items=items,
+                       shipped=info is not None, chance=info.chance if info else None,
+                       apply_chat_template=chat, detail=detail)
+
+
+def _chat_for(name: str, requested: bool | None, has_template: bool) -> bool:
+    if requested is not None:
+        return requested
+    info = _SUITES.get(name)
+    return bool(info and info.chat_template and has_template)
+
+
+def evaluate_lm(lm: Any, suites: Sequence[str], *, limit: int | None = None,
+                apply_chat_template: bool | None = None, verbose: bool = False,
+                seed: int = 0) -> BenchmarkResults:
+    """Run lm-eval on an ``lm_eval.api.model.LM`` (see :func:`make_lm`) and collect per-item scores.
+
+    ``apply_chat_template``: None → each shipped suite's default (``SuiteInfo.chat_template``,
+    used only when the tokenizer has a chat template), user-named tasks without it.
+    ``limit``: the first N documents of each task (lm-eval's ``limit``).
+    Score of a suite = mean of its per-item scores under the primary metric.
+    """
+    lm_eval = _require_lm_eval()
+    names = list(dict.fromkeys(suites))
+    if not names:
+        raise InputError("no suite given", field="suite")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be >= 1, got {limit}", field="limit")
+    start = time.perf_counter()
+    tm = _task_manager(names)
+    tok = getattr(lm, "tokenizer", None)
+    has_template = getattr(tok, "chat_template", None) is not None
+    groups: dict[bool, list[str]] = {}
+    for n in names:
+        groups.setdefault(_chat_for(n, apply_chat_template, has_template), []).append(n)
+
+    results: dict[str, SuiteResult] = {}
+    for chat, group in groups.items():
+        with _quiet_lm_eval(verbose):
+            try:
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=group, task_manager=tm, limit=limit, log_samples=True,
+                    apply_chat_template=chat, bootstrap_iters=0, random_seed=seed,
+                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            except (ConnectionError, OSError) as e:
+                raise EvaluationError(
+                    f"lm-eval task(s) {', '.join(group)} could not load their data; tasks other "
+                    f"than the shipped suites ({', '.join(_SUITES)}) download from the Hugging "
+                    f"Face hub, which is offline or unreachable here: {type(e).__name__}: {e}"
+                ) from e
+        if out is None:  # pragma: no cover - non-zero rank
+            continue
+        configs = out.get("configs", {})
+        for task, samples in out["samples"].items():
+            results[task] = _suite_result(task, samples, out["results"].get(task, {}),
+                                          configs.get(task), chat)
+    device = str(getattr(lm, "device", "cpu"))
+    return BenchmarkResults(suites=results, limit=limit, batch_size=int(getattr(lm, "batch_size", 0) or 0),
+                            device=device, seconds=time.perf_counter() - start,
+                            lm_eval_version=getattr(lm_eval, "__version__", "unknown"))
+
+
+def evaluate_model(model: Any, tokenizer: Any, suites: Sequence[str] = DEFAULT_SUITES, *,
+                   limit: int | None = None, batch_size: int = 16, device: str | None = None,
+                   apply_chat_template: bool | None = None, verbose: bool = False,
+                   seed: int = 0) -> BenchmarkResults:
+    """Evaluate a loaded causal LM on shipped suites and/or lm-eval tasks, in-process.
+
+    Wraps ``model`` in lm-eval's ``HFLM`` (:func:`make_lm`) and calls
+    :func:`evaluate_lm`. The model's train/eval mode is restored afterwards.
+    """
+    was_training = bool(getattr(model, "training", False))
+    try:
+        lm = make_lm(model, tokenizer, batch_size=batch_size, device=device)
+        return evaluate_lm(lm, suites, limit=limit, apply_chat_template=apply_chat_template,
+                           verbose=verbose, seed=seed)
+    finally:
+        if was_training:
+            model.train()
+
+
+def retention_by_suite(before: BenchmarkResults, after: BenchmarkResults, *, n_boot: int = 2000,
+                       seed: int = 0) -> dict[str, "RetentionResult"]:
+    """Per suite present in both: :func:`capability_retention` paired by item id."""
+    from .training_metrics import RetentionResult, capability_retention
+
+    out: dict[str, RetentionResult] = {}
+    for name, b in before.suites.items():
+        a = after.suites.get(name)
+        if a is None:
+            continue
+        if not b.items or not a.items:
+            why = b.detail or a.detail or "no per-item scores"
+            out[name] = RetentionResult.unmeasured(why, n=0, n_boot=n_boot, seed=seed)
+            continue
+        out[name] = capability_retention(b.by_id(), a.by_id(), n_boot=n_boot, seed=seed)
+    return out
