@@ -176,3 +176,32 @@ def test_kl_with_peft_adapters_disabled_as_reference(tiny_model_path):
             if "lora_B" in n:
                 p.add_(torch.randn_like(p) * 0.5)
     assert kl_on_probe(model, None, PROBE_P, PROBE_C, tokenizer=tok).mean > 1e-6
+
+
+@pytest.mark.integration
+def test_kl_with_precomputed_reference_distributions(tiny_model_path):
+    from realign.backends.trl import TRLBackend, kl_on_probe, reference_distributions
+
+    be = TRLBackend()
+    pol = be.load(tiny_model_path, device="cpu")
+    ref = be.load(tiny_model_path, device="cpu")
+    enc = be.encode(pol, PROBE_P, PROBE_C)
+    cache = reference_distributions(ref, enc, batch_size=3)
+    assert [t.shape[0] for t in cache.logps] == [e.n_completion for e in enc]
+    assert cache.nbytes == sum(e.n_completion for e in enc) * 49152 * 4
+    assert kl_on_probe(pol, cache, encoded=enc).mean < 1e-6
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pol.model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    live = kl_on_probe(pol, ref, encoded=enc, batch_size=2)
+    fast = kl_on_probe(pol, cache, encoded=enc, batch_size=4)
+    assert live.mean > 1e-4
+    assert fast.per_sequence == pytest.approx(live.per_sequence, rel=1e-4)
+    assert fast.mean == pytest.approx(live.mean, rel=1e-4)
+    # the policy's token log-probs come from the same forward and equal completion_logprobs
+    lp = be.completion_logprobs(pol, PROBE_P, PROBE_C)
+    for a, b in zip(fast.policy_token_logps, lp.token_logps):
+        assert a == pytest.approx(b, abs=1e-5)
+    with pytest.raises(ValueError):
+        kl_on_probe(pol, cache, encoded=enc[:2])

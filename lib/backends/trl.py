@@ -406,7 +406,37 @@ class TRLBackend:
 # ---------------------------------------------------------------- KL on a probe set
 
 
-def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | None,
+@dataclass
+class ReferenceDistributions:
+    """log π_ref(·| x_i, y_i,<t) over the whole vocabulary at every completion token of a
+    probe set, float32 on the CPU: ``logps[i]`` is T_i × V. Computed once by
+    :func:`reference_distributions`, it replaces the reference model's forward passes in
+    :func:`kl_on_probe` (the reference is frozen, so the numbers are identical). Memory:
+    Σ_i T_i × V × 4 bytes (1000 tokens × 49152 ≈ 197 MB).
+    """
+
+    logps: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in self.logps))
+
+
+def reference_distributions(reference: ModelHandle | Any, encoded: Sequence[Encoded], *,
+                            batch_size: int = 8) -> ReferenceDistributions:
+    """Precompute the frozen reference's full next-token log-distributions on a probe set."""
+    ref = _unwrap(reference)
+    pad = _pad_id(reference.tokenizer) if isinstance(reference, ModelHandle) else 0
+    out: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
+    with _EvalMode(ref):
+        for idx in _batches(encoded, batch_size):
+            logits, _t, mask = _completion_logits_batch(ref, [encoded[i] for i in idx], pad)
+            for r, i in enumerate(idx):
+                out[i] = torch.log_softmax(logits[r][mask[r]].float(), dim=-1).cpu()
+    return ReferenceDistributions(logps=out)
+
+
+def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | ReferenceDistributions | None,
                 prompts: Sequence[Prompt] = (), completions: Sequence[Prompt] = (), *,
                 tokenizer: Any = None, batch_size: int = 8, max_length: int = 512,
                 encoded: Sequence[Encoded] | None = None) -> KLResult:
@@ -415,13 +445,16 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | None,
     mean = Σ_i Σ_t KL_it ÷ Σ_i T_i (nats per completion token, the gated number), with
     KL_it = Σ_v p_θ(v|x_i,y_i,<t)(log p_θ(v|·) − log p_ref(v|·)) computed per batch by
     :func:`realign.training_metrics.per_sequence_kl`; ``per_sequence`` holds Σ_t KL_it
-    per example, in input order.
+    per example, in input order. ``policy_token_logps`` holds the policy's log p of each
+    completion token, from the same forward pass (what ``completion_logprobs`` returns),
+    so a caller that needs both pays one policy forward, not two.
 
     ``policy``/``reference`` are :class:`ModelHandle` objects or raw models (e.g. the one
-    inside a ``Trainer``; a DDP wrapper is unwrapped). ``reference=None`` with a PEFT
-    policy means "the same model with its adapters disabled". The tokenizer comes from
-    whichever argument is a handle, or ``tokenizer=``. Runs under ``torch.no_grad`` in
-    eval mode and restores each model's train/eval mode afterwards.
+    inside a ``Trainer``; a DDP wrapper is unwrapped). ``reference`` may also be a
+    :class:`ReferenceDistributions` precomputed on the same ``encoded`` (no reference
+    forward at all), or ``None`` with a PEFT policy: "the same model with its adapters
+    disabled". The tokenizer comes from whichever argument is a handle, or ``tokenizer=``.
+    Runs under ``torch.no_grad`` in eval mode and restores each model's train/eval mode.
     """
     from ..training_metrics import per_sequence_kl
 
@@ -440,28 +473,44 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | None,
         raise ValueError("empty probe set: KL is undefined")
     pad = _pad_id(tok) if tok is not None else 0
     pol = _unwrap(policy)
-    ref = _unwrap(reference) if reference is not None else None
+    cached = reference if isinstance(reference, ReferenceDistributions) else None
+    ref = _unwrap(reference) if reference is not None and cached is None else None
     disable = None
-    if ref is None:
+    if cached is not None:
+        if [int(t.shape[0]) for t in cached.logps] != [e.n_completion for e in encoded]:
+            raise ValueError("the reference distributions were computed on a different probe set")
+    elif ref is None:
         disable = getattr(pol, "disable_adapter", None)
         if disable is None:
             raise ValueError("reference=None is only meaningful for a PEFT policy (adapters disabled)")
 
     sums: list[float] = [0.0] * len(encoded)
+    token_logps: list[list[float]] = [[] for _ in encoded]
     with _EvalMode(pol, ref):
         for idx in _batches(encoded, batch_size):
             items = [encoded[i] for i in idx]
-            p_logits, _t, mask = _completion_logits_batch(pol, items, pad)
+            p_logits, targets, mask = _completion_logits_batch(pol, items, pad)
+            lp = p_logits.float()
+            lp = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lp, dim=-1)
+            for r, i in enumerate(idx):
+                token_logps[i] = lp[r][mask[r]].tolist()
+            if cached is not None:
+                for r, i in enumerate(idx):
+                    pr = p_logits[r][mask[r]].unsqueeze(0)
+                    rr = cached.logps[i].to(pr.device).unsqueeze(0)
+                    sums[i] = per_sequence_kl(pr, rr, torch.ones(pr.shape[:2], dtype=torch.bool))[0]
+                continue
             if ref is not None:
                 r_logits, _t2, _m2 = _completion_logits_batch(ref, items, pad)
             else:
                 with disable():
                     r_logits, _t2, _m2 = _completion_logits_batch(pol, items, pad)
-            for r, s in zip(idx, per_sequence_kl(p_logits, r_logits.to(p_logits.device), mask)):
-                sums[r] = s
+            for i, s in zip(idx, per_sequence_kl(p_logits, r_logits.to(p_logits.device), mask)):
+                sums[i] = s
             del p_logits, r_logits
     counts = [e.n_completion for e in encoded]
     total = sum(counts)
     if total == 0:
         raise ValueError("the probe set has no completion tokens: KL is undefined")
-    return KLResult(mean=sum(sums) / total, per_sequence=sums, counts=counts)
+    return KLResult(mean=sum(sums) / total, per_sequence=sums, counts=counts,
+                    policy_token_logps=token_logps)
