@@ -47,6 +47,23 @@ ProgressFn = Callable[[float, float | None, str], None]
 RunState = Literal["created", "running", "passed", "failed", "incomplete", "interrupted"]
 
 
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a multi-process launch (accelerate, torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+
+
+def _barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
 class RunBusyError(RealignError):
     """Another job holds this run directory."""
 
@@ -235,6 +252,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def _write_status(run_dir: Path, **fields: Any) -> None:
+    if not is_main_process():
+        return
     p = run_dir / "status.json"
     try:
         cur = json.loads(p.read_text()) if p.exists() else {}
@@ -271,7 +290,12 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
     config = load_run_config(run_dir)
     todo = [s for s in STAGES if s in (stages or config.stages)]
     thresholds = Thresholds(preset=config.preset, overrides=config.thresholds)
-    with RunLock(run_dir, job):
+    main = is_main_process()
+    from contextlib import nullcontext
+
+    # Under a multi-process launch every rank runs the stages (DDP needs them all);
+    # rank 0 alone holds the lock and writes status and verdicts.
+    with RunLock(run_dir, job) if main else nullcontext():
         last_write = [0.0]
 
         def report(done: float, total: float | None, msg: str) -> None:
@@ -294,7 +318,9 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                         state = "incomplete"
                     continue
                 if force and existing is not None:
-                    _set_aside(ctx.stage_dir(name))
+                    if main:
+                        _set_aside(ctx.stage_dir(name))
+                    _barrier()
                 _write_status(run_dir, current_stage=name, progress={})
                 verdict = stage_function(name)(ctx)
                 allowed = [g.name for g in verdict.gates
@@ -304,7 +330,9 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                         f"gate(s) {', '.join(allowed)} failed; the run continued because the "
                         "config lists them in allow_gate_failures")
                     verdict.findings["allowed_failures"] = allowed
-                write_json_atomic(ctx.stage_dir(name) / "verdict.json", verdict)
+                if main:
+                    write_json_atomic(ctx.stage_dir(name) / "verdict.json", verdict)
+                _barrier()
                 blocking = _blocking_failures(verdict, config.allow_gate_failures)
                 if blocking:
                     state = "failed"
@@ -380,6 +408,9 @@ def list_runs(root: str | Path = "runs") -> list[RunStatus]:
 @contextmanager
 def metrics_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
     """Append JSON lines to ``metrics.jsonl`` (flushed per line, so a kill loses nothing)."""
+    if not is_main_process():
+        yield lambda record: None
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         def write(record: dict[str, Any]) -> None:

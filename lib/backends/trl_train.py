@@ -72,6 +72,7 @@ def make_dpo_trainer_class() -> type:
     class CachedRefDPOTrainer(DPOTrainer):  # type: ignore[misc, valid-type]
         """DPOTrainer whose precomputed reference log-probs are cached by content hash."""
 
+        ref_cache_hit: bool | None = None  # this trainer: True hit, False computed
         ref_cache_hits = 0
         ref_cache_misses = 0
         ref_cache_seconds = 0.0
@@ -96,12 +97,14 @@ def make_dpo_trainer_class() -> type:
                             "ref_rejected_logps": z["ref_rejected_logps"].tolist()}
                 if len(cols["ref_chosen_logps"]) == len(dataset):
                     type(self).ref_cache_hits += 1
+                    self.ref_cache_hit = True
                     self.ref_cache_path = path
                     return concatenate_datasets([dataset, Dataset.from_dict(cols)], axis=1)
             t0 = time.perf_counter()
             out = super()._precompute_ref_logps(dataset, name, batch_size)
-            type(self).ref_cache_seconds += time.perf_counter() - t0
+            self.ref_cache_seconds = time.perf_counter() - t0
             type(self).ref_cache_misses += 1
+            self.ref_cache_hit = False
             if self.accelerator.is_main_process:
                 fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=path.parent)
                 os.close(fd)

@@ -47,7 +47,7 @@ from typing import Any
 
 from ..gates import GateResult, StageVerdict, make_verdict
 from ..models import resolve_model
-from ..pipeline import RunContext, file_digest, metrics_log, write_json_atomic
+from ..pipeline import RunContext, file_digest, is_main_process, world_size, metrics_log, write_json_atomic
 from .common import read_jsonl
 from .reference_init import make_policy
 
@@ -167,7 +167,7 @@ class KLMonitor:
     # -- policy --------------------------------------------------------------------
     def check(self, model: Any, step: int, optimizer: Any = None, scheduler: Any = None,
               control: Any = None) -> dict[str, Any]:
-        rec = self.measure(model, step)
+        rec = _from_rank0(self.measure(model, step))
         if rec["passed"]:
             weights = self.snapshot(model)
             self.last_good = weights
@@ -243,6 +243,20 @@ class KLMonitor:
         return _CB()
 
 
+def _from_rank0(rec: dict[str, Any]) -> dict[str, Any]:
+    """Under DDP every rank measures the same replica on the same probe; rank 0's numbers
+    are broadcast so that every rank takes the same breach decision."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return rec
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [rec]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return rec
+
+
 def _train_dataset(rows: list[dict[str, Any]], n: int | None, seed: int) -> Any:
     from datasets import Dataset
 
@@ -294,7 +308,7 @@ def run(ctx: RunContext) -> StageVerdict:
         length_prompts = [r["prompt"] for r in probe[:LENGTH_PROBE_PROMPTS]]
         ref_answers = backend.generate(ref, length_prompts, max_new_tokens=LENGTH_PROBE_TOKENS)
 
-        world = max(int(__import__("os").environ.get("WORLD_SIZE", "1")), 1)
+        world = world_size()
         needed = d.max_steps * d.batch_size * d.gradient_accumulation_steps * world \
             if d.max_steps > 0 else None
         dataset = _train_dataset(train_rows, needed, cfg.seed)
@@ -313,8 +327,8 @@ def run(ctx: RunContext) -> StageVerdict:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl, not stdout
-        cache = {"hits": trainer_cls.ref_cache_hits, "misses": trainer_cls.ref_cache_misses,
-                 "path": str(getattr(trainer, "ref_cache_path", ""))}
+        cache = {"hit": trainer.ref_cache_hit, "path": str(getattr(trainer, "ref_cache_path", "")),
+                 "precompute_seconds": trainer.ref_cache_seconds}
         ckpts = sorted((out / "checkpoints").glob("checkpoint-*"),
                        key=lambda p: int(p.name.split("-")[-1]))
         trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
@@ -339,7 +353,10 @@ def run(ctx: RunContext) -> StageVerdict:
     if d.lora:
         model = model.merge_and_unload()
     handle = type(ref)(model=model, tokenizer=ref.tokenizer, device=ref.device, source="dpo")
-    saved = backend.save(handle, out / "model")
+    saved = out / "model"
+    if is_main_process():
+        backend.save(handle, saved)
+        write_json_atomic(out / "checks.json", monitor.checks)
 
     # detectors
     w = detect_displacement(monitor.checks)
@@ -381,7 +398,7 @@ def run(ctx: RunContext) -> StageVerdict:
         "examples_per_second": (steps_per_s * d.batch_size * d.gradient_accumulation_steps
                                 if steps_per_s else None),
     }
-    write_json_atomic(out / "checks.json", monitor.checks)
-    artifacts = {"model": str(saved), "model_digest": file_digest(saved),
+    artifacts = {"model": str(saved),
+                 "model_digest": file_digest(saved) if is_main_process() else None,
                  "metrics": str(out / "metrics.jsonl")}
     return make_verdict(NAME, gates, ctx.thresholds, findings, artifacts, warnings)
