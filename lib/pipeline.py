@@ -157,7 +157,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 holder = read_lock(self.path.parent)
-                if holder and _alive(holder.get("pid")):
+                if holder and pid_alive(holder.get("pid")):
                     raise RunBusyError(
                         f"{self.path.parent} is busy: job '{holder.get('job')}' (pid "
                         f"{holder.get('pid')}, since {holder.get('since')}) is running") from None
@@ -179,7 +179,8 @@ def read_lock(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """True when a process with this pid exists (a lock holder still running)."""
     if not isinstance(pid, int):
         return False
     try:
@@ -374,7 +375,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
         st = {}
     lock = read_lock(run_dir)
     state = st.get("state", "created")
-    if state == "running" and not (lock and _alive(lock.get("pid"))):
+    if state == "running" and not (lock and pid_alive(lock.get("pid"))):
         state = "interrupted"
     ctx = RunContext(config=config, run_dir=run_dir, thresholds=Thresholds())
     stages = []
@@ -418,3 +419,6 @@ def metrics_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
             fh.flush()
 
         yield write
+
+
+_alive = pid_alive  # old private name, kept for callers written against it

@@ -59,6 +59,9 @@ SATURATION_LOSS = 0.05  # training loss below this with held-out accuracy 1.0
 LENGTH_GROWTH = 1.2  # policy answers this many times longer than the reference's
 LENGTH_PROBE_PROMPTS = 4
 LENGTH_PROBE_TOKENS = 48
+#: Cache the reference's full next-token distributions on the probe when they fit in this
+#: many bytes (tokens × vocabulary × 4); otherwise the reference runs at every check.
+REF_DIST_MAX_BYTES = 512 << 20
 
 
 def _slope(ys: list[float]) -> float:
@@ -115,6 +118,13 @@ class KLMonitor:
                                                  batch_size=batch_size).sums
         self.ref_r = backend.completion_logprobs(ref, [], [], encoded=self.rejected_enc,
                                                  batch_size=batch_size).sums
+        vocab = int(getattr(ref.model.config, "vocab_size", 0) or 0)
+        tokens = sum(e.n_completion for e in self.chosen_enc)
+        self.ref_for_kl: Any = ref.model
+        if 0 < tokens * vocab * 4 <= REF_DIST_MAX_BYTES:
+            from ..backends.trl import reference_distributions
+
+            self.ref_for_kl = reference_distributions(ref, self.chosen_enc, batch_size=batch_size)
         self.checks: list[dict[str, Any]] = []
         self.trl_logs: list[dict[str, float]] = []
         self.breaches = 0
@@ -127,12 +137,12 @@ class KLMonitor:
     def measure(self, model: Any, step: int) -> dict[str, Any]:
         from ..backends.trl import ModelHandle, kl_on_probe
 
-        kl = kl_on_probe(model, self.ref.model, encoded=self.chosen_enc,
+        kl = kl_on_probe(model, self.ref_for_kl, encoded=self.chosen_enc,
                          tokenizer=self.ref.tokenizer, batch_size=self.batch_size)
         handle = ModelHandle(model=model, tokenizer=self.ref.tokenizer, device=self.ref.device,
                              source="policy")
-        pol_c = self.backend.completion_logprobs(handle, [], [], encoded=self.chosen_enc,
-                                                 batch_size=self.batch_size).sums
+        assert kl.policy_token_logps is not None  # same forward pass as the KL
+        pol_c = [float(sum(x)) for x in kl.policy_token_logps]
         pol_r = self.backend.completion_logprobs(handle, [], [], encoded=self.rejected_enc,
                                                  batch_size=self.batch_size).sums
         margins = [self.beta * ((pc - rc) - (pr - rr))

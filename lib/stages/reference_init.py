@@ -46,7 +46,9 @@ def probe_rows(ctx: RunContext) -> list[dict]:
 
 def run(ctx: RunContext) -> StageVerdict:
     from ..backends.trl import TRLBackend, kl_on_probe
+    from ..backends.trl_train import quiet_hf
 
+    quiet_hf()
     cfg = ctx.config
     out = ctx.stage_dir(NAME)
     base = ctx.artifact("sft_baseline", "model") or str(resolve_model(cfg.model))

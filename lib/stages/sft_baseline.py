@@ -63,7 +63,9 @@ def _sft_rows(path: str) -> list[dict[str, Any]]:
 
 def run(ctx: RunContext) -> StageVerdict:
     from ..backends.trl import TRLBackend
+    from ..backends.trl_train import quiet_hf
 
+    quiet_hf()
     cfg = ctx.config
     out = ctx.stage_dir(NAME)
     backend = TRLBackend()
