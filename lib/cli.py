@@ -126,6 +126,8 @@ def validate(
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="skip malformed rows (listed as findings) instead of stopping")] = False,
     split: Annotated[Optional[str], typer.Option(help="split of a saved DatasetDict")] = None,
     write_clean: Annotated[Optional[Path], typer.Option(help="write the usable pairs here, in the input's format")] = None,
+    reward_model: Annotated[Optional[Path], typer.Option(help="score the usable pairs with this reward model (stage 4) for preference_gap")] = None,
+    drop_negative_gap: Annotated[Optional[Path], typer.Option(help="with --reward-model: write the input without pairs whose gap is negative")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the stage verdict as one JSON object")] = False,
 ) -> None:
     """Validate preference pairs: usable count, gap, decontamination, length bias."""
@@ -133,6 +135,8 @@ def validate(
     from .validation import validate_file
 
     thresholds = thresholds_from(preset, threshold)
+    if drop_negative_gap and reward_model is None:
+        fail_input("--drop-negative-gap needs --reward-model")
     try:
         decontam = DecontamConfig(ngram=ngram, min_coverage=min_coverage)
     except ValueError as e:
@@ -144,6 +148,11 @@ def validate(
                 pairs, eval_sets=list(eval or []), eval_field=eval_field, thresholds=thresholds,
                 score_scale=score_scale, decontam=decontam, skip_bad_rows=skip_bad_rows,
                 write_clean=write_clean, split=split, progress=cb)
+        if reward_model is not None:
+            from .reward import apply_reward_gap
+
+            verdict = apply_reward_gap(verdict, pairs, reward_model, thresholds=thresholds, split=split,
+                                       skip_bad_rows=skip_bad_rows, drop_negative=drop_negative_gap)
     except InputError as e:
         fail_input(str(e))
     except (RealignError, ValueError) as e:

@@ -21,6 +21,7 @@ STAGES: dict[str, int] = {
     "sft_baseline": 1,
     "preference_data": 2,
     "reference_init": 3,
+    "reward_model": 4,
     "dpo": 5,
 }
 
@@ -51,6 +52,25 @@ class SFTConfig(_Strict):
     benchmarks: list[str] = Field(default_factory=list,
                                   description="evaluation suites recorded as the baseline")
     benchmark_limit: int | None = None
+
+
+class RewardModelConfig(_Strict):
+    """Stage 4: the reward model (TRL RewardTrainer), see docs/preference-modeling.md."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(30, description="-1: run num_epochs instead")
+    num_epochs: float = 1.0
+    max_length: int = Field(256, ge=8)
+    lora: dict[str, Any] | None = Field(
+        None, description="peft LoraConfig kwargs; adapters are merged into the saved model")
+    eval_batch_size: int = Field(8, ge=1)
+    train_eval_pairs: int = Field(256, ge=1, description="training pairs scored for reward_overfit")
+    gap_pairs: Literal["heldout", "all"] = Field(
+        "heldout", description="pairs scored for preference_gap when stage 2 had no scores")
+    extra: dict[str, Any] = Field(default_factory=dict,
+                                  description="any other trl.RewardConfig field, passed as is")
 
 
 class DPOStageConfig(_Strict):
@@ -106,6 +126,7 @@ class RunConfig(_Strict):
     device: str | None = Field(None, description="cuda, mps or cpu; default: the best available")
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardModelConfig = Field(default_factory=RewardModelConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
     kl_monitor: KLMonitorConfig = Field(default_factory=KLMonitorConfig)
 

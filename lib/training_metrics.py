@@ -1,9 +1,9 @@
 """Metric functions: pure math, no file or model I/O inside the formulas.
 
 Public entry points kept from the original skill: :func:`validate_dpo_pairs`,
-:func:`assess_rlvr_verifiability`, :func:`calculate_ifd_score` (the last two are
-provided by later stages; until then they raise ``NotImplementedError`` with a reason
-rather than returning made-up numbers).
+:func:`assess_rlvr_verifiability`, :func:`calculate_ifd_score` (the former is
+provided by a later stage; until then it raises ``NotImplementedError`` with a reason
+rather than returning made-up numbers; the latter delegates to :mod:`realign.ifd`).
 
 Formulas (METRICS.md):
 
@@ -154,6 +154,20 @@ def assess_rlvr_verifiability(*_: Any, **__: Any) -> Any:
         "assess_rlvr_verifiability needs the verifiers (math equivalence, code tests, "
         "instruction constraints); it is not built yet and returns no number rather than "
         "a guess")
+
+
+def calculate_ifd_score(model: Any, instructions: Any, responses: Any, **kwargs: Any) -> Any:
+    """IFD(Q, A) = PPL(A | Q) ÷ PPL(A) (Li et al. 2023), through the backend's log-probs.
+
+    PPL(A | Q) = exp(−mean_t log p(a_t | Q, a_<t)) with the chat template; PPL(A) the same
+    answer tokens after an instruction-free context (an empty user turn; see
+    :mod:`realign.ifd`). One instruction and response → a float; lists → a list in input
+    order; None for an empty answer. Keyword arguments: ``batch_size``, ``max_length``,
+    ``device`` (:func:`realign.ifd.calculate_ifd_score`).
+    """
+    from .ifd import calculate_ifd_score as _ifd
+
+    return _ifd(model, instructions, responses, **kwargs)
 
 
 def perplexity(token_logps: Sequence[Sequence[float]]) -> float | None:
