@@ -7,6 +7,7 @@ lm-eval task that needs the hub while offline).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -24,6 +25,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 16,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, mps (default: best available)")] = None,
     chat_template: Annotated[Optional[bool], typer.Option("--chat-template/--no-chat-template", help="force the chat template on/off (default: per suite)")] = None,
+    include_path: Annotated[Optional[list[Path]], typer.Option("--include-path", help="folder of your own lm-eval task YAMLs (repeatable)")] = None,
     list_only: Annotated[bool, typer.Option("--list", help="list the shipped suites and exit")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the results (with per-item scores) as one JSON object")] = False,
 ) -> None:
@@ -52,7 +54,8 @@ def eval_cmd(
         handle = TRLBackend().load(model, device=device)
         results = evaluate_model(handle.model, handle.tokenizer, list(suite or DEFAULT_SUITES),
                                  limit=limit, batch_size=batch_size,
-                                 apply_chat_template=chat_template)
+                                 apply_chat_template=chat_template,
+                                 include_path=list(include_path or []))
     except (InputError, RealignError) as e:
         fail_input(str(e))
         raise  # unreachable

@@ -77,10 +77,12 @@ DEFAULT_SUITES: tuple[str, ...] = tuple(_SUITES)
 
 
 class ItemScore(BaseModel):
-    """One item of a suite: its id and its score under the suite's primary metric."""
+    """One item of a suite: its id, its score under the suite's primary metric and, for
+    generation tasks, the model's raw response."""
 
     id: str
     score: float
+    response: str | None = None
 
 
 class SuiteResult(BaseModel):
@@ -169,24 +171,31 @@ def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 16, device: str | N
                     max_length=max_length)
 
 
-_FULL_TM: list[Any] = []  # lm-eval's full task index, built once per process
+_FULL_TM: dict[tuple[str, ...], Any] = {}  # lm-eval's full task index, built once per process
 
 
-def _task_manager(names: Sequence[str], *, search_lm_eval: bool = True) -> Any:
-    """A TaskManager that knows the shipped suites (+ lm-eval's own tasks when needed).
+def _task_manager(names: Sequence[str], include_path: Sequence[str | Path] = (), *,
+                  search_lm_eval: bool = True) -> Any:
+    """A TaskManager that knows the shipped suites, ``include_path`` folders of task YAMLs,
+    and (only when a name is found in neither) lm-eval's own tasks.
 
     Indexing lm-eval's ~200 built-in task folders takes seconds (tens of seconds on a
-    loaded CPU), so it happens only when a name is not a shipped suite, once per process.
-    Unknown names raise :class:`InputError`.
+    loaded CPU), so it happens only when needed, once per process. Unknown names raise
+    :class:`InputError`.
     """
     from lm_eval.tasks import TaskManager
 
-    if search_lm_eval and any(n not in _SUITES for n in names):
-        if not _FULL_TM:
-            _FULL_TM.append(TaskManager(include_path=str(SUITES_DIR), include_defaults=True))
-        tm = _FULL_TM[0]
-    else:
-        tm = TaskManager(include_path=str(SUITES_DIR), include_defaults=False)
+    paths = [str(SUITES_DIR)]
+    for p in include_path:
+        if not Path(p).is_dir():
+            raise InputError("task folder does not exist", file=p, field="include_path")
+        paths.append(str(Path(p).resolve()))
+    tm = TaskManager(include_path=paths, include_defaults=False)
+    if search_lm_eval and any(n not in tm.all_tasks for n in names):
+        key = tuple(paths)
+        if key not in _FULL_TM:
+            _FULL_TM[key] = TaskManager(include_path=paths, include_defaults=True)
+        tm = _FULL_TM[key]
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise InputError(
@@ -205,6 +214,15 @@ def _primary_metric(task_results: dict[str, Any], config: dict[str, Any] | None)
                 if k.split(",")[0] == m.get("metric"):
                     return k
     return keys[0] if keys else None
+
+
+def _response(sample: dict[str, Any]) -> str | None:
+    """The raw generated text of a generate_until item (None for log-likelihood items)."""
+    try:
+        first = sample["resps"][0][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return first if isinstance(first, str) else None
 
 
 def _suite_result(name: str, samples: list[dict[str, Any]], task_results: dict[str, Any],
@@ -229,7 +247,7 @@ def _suite_result(name: str, samples: list[dict[str, Any]], task_results: dict[s
                 break
             doc = s.get("doc") or {}
             item_id = str(doc["id"]) if isinstance(doc, dict) and "id" in doc else str(s["doc_id"])
-            items.append(ItemScore(id=item_id, score=score))
+            items.append(ItemScore(id=item_id, score=score, response=_response(s)))
     score = (sum(i.score for i in items) / len(items)) if items else None
     if score is None and metric is not None and isinstance(task_results.get(metric), (int, float)):
         score = float(task_results[metric])
@@ -248,13 +266,14 @@ def _chat_for(name: str, requested: bool | None, has_template: bool) -> bool:
 
 
 def evaluate_lm(lm: Any, suites: Sequence[str], *, limit: int | None = None,
-                apply_chat_template: bool | None = None, verbose: bool = False,
-                seed: int = 0) -> BenchmarkResults:
+                apply_chat_template: bool | None = None, include_path: Sequence[str | Path] = (),
+                verbose: bool = False, seed: int = 0) -> BenchmarkResults:
     """Run lm-eval on an ``lm_eval.api.model.LM`` (see :func:`make_lm`) and collect per-item scores.
 
     ``apply_chat_template``: None → each shipped suite's default (``SuiteInfo.chat_template``,
     used only when the tokenizer has a chat template), user-named tasks without it.
     ``limit``: the first N documents of each task (lm-eval's ``limit``).
+    ``include_path``: extra folders of lm-eval task YAMLs (your own offline tasks).
     Score of a suite = mean of its per-item scores under the primary metric.
     """
     lm_eval = _require_lm_eval()
@@ -264,7 +283,7 @@ def evaluate_lm(lm: Any, suites: Sequence[str], *, limit: int | None = None,
     if limit is not None and limit < 1:
         raise InputError(f"limit must be >= 1, got {limit}", field="limit")
     start = time.perf_counter()
-    tm = _task_manager(names)
+    tm = _task_manager(names, include_path)
     tok = getattr(lm, "tokenizer", None)
     has_template = getattr(tok, "chat_template", None) is not None
     groups: dict[bool, list[str]] = {}
@@ -299,7 +318,8 @@ def evaluate_lm(lm: Any, suites: Sequence[str], *, limit: int | None = None,
 
 def evaluate_model(model: Any, tokenizer: Any, suites: Sequence[str] = DEFAULT_SUITES, *,
                    limit: int | None = None, batch_size: int = 16, device: str | None = None,
-                   apply_chat_template: bool | None = None, verbose: bool = False,
+                   apply_chat_template: bool | None = None,
+                   include_path: Sequence[str | Path] = (), verbose: bool = False,
                    seed: int = 0) -> BenchmarkResults:
     """Evaluate a loaded causal LM on shipped suites and/or lm-eval tasks, in-process.
 
@@ -310,7 +330,7 @@ def evaluate_model(model: Any, tokenizer: Any, suites: Sequence[str] = DEFAULT_S
     try:
         lm = make_lm(model, tokenizer, batch_size=batch_size, device=device)
         return evaluate_lm(lm, suites, limit=limit, apply_chat_template=apply_chat_template,
-                           verbose=verbose, seed=seed)
+                           include_path=include_path, verbose=verbose, seed=seed)
     finally:
         if was_training:
             model.train()

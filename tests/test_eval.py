@@ -73,9 +73,10 @@ def test_arith_answers_are_correct():
     ("yes_no", "", "Yes, it is.", False),
     ("number_only", "", "7", True),
     ("number_only", "", "7 days", False),
-    ("three_bullets", "", "- apple\n- pear\n- plum", True),
-    ("three_bullets", "", "- apple\n- pear", False),
-    ("three_bullets", "", "Fruits:\n- apple\n- pear\n- plum", False),
+    ("three_items", "", "- apple\n- pear\n- plum", True),
+    ("three_items", "", "1. apple\n\n2. pear\n3. plum\n", True),
+    ("three_items", "", "- apple\n- pear", False),
+    ("three_items", "", "Fruits:\n- apple\n- pear\n- plum", False),
 ])
 def test_format_checks(check, arg, response, ok):
     utils = _load_module("_suite_utils")
@@ -116,6 +117,11 @@ def test_evaluate_model_tiny_all_shipped_suites(tiny):
         assert all(0.0 <= i.score <= 1.0 for i in r.items)
         assert r.score == pytest.approx(sum(r.scores()) / 5)
         assert r.apply_chat_template is info.chat_template  # tiny tokenizer has the template
+        generated = [i.response for i in r.items]
+        if name == "realign_knowledge":  # log-likelihood: nothing generated
+            assert generated == [None] * 5
+        else:
+            assert all(isinstance(g, str) for g in generated)
     # same model twice → identical per-item results → retention exactly 1 (or unmeasured at 0)
     again = evaluate_model(model, tok, ["realign_knowledge"], limit=5, batch_size=4)
     assert again.suites["realign_knowledge"].items == res.suites["realign_knowledge"].items
@@ -162,3 +168,31 @@ def test_hub_task_fails_offline_with_clear_error(tiny, monkeypatch):
         evaluate_model(model, tok, ["arc_easy"], limit=2)
     with pytest.raises(InputError, match="unknown suite"):
         evaluate_model(model, tok, ["no_such_task_xyz"], limit=2)
+
+
+@pytest.mark.integration
+def test_user_task_folder_via_include_path(tiny, tmp_path):
+    # The documented way to add your own offline lm-eval task (docs/capability-assessment.md).
+    data = tmp_path / "colors.jsonl"
+    rows = [{"id": f"c{i}", "question": f"Is color {i} a color?", "choices": ["yes", "no"],
+             "answer": 0} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "my_colors.yaml").write_text(
+        "task: my_colors\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n")
+    model, tok, _ = tiny
+    res = evaluate_model(model, tok, ["my_colors"], include_path=[tmp_path], batch_size=4)
+    r = res.suites["my_colors"]
+    assert not r.shipped and r.metric == "acc,none" and r.chance is None
+    assert [i.id for i in r.items] == [f"c{i}" for i in range(6)]
+    assert r.score == pytest.approx(sum(r.scores()) / 6)
+    assert not r.apply_chat_template
+    with pytest.raises(InputError, match="does not exist"):
+        evaluate_model(model, tok, ["my_colors"], include_path=[tmp_path / "nope"])

@@ -54,7 +54,7 @@ def check_format(check: str, arg: str, response: str) -> bool:
     * ``starts_with``: the first word equals ``arg`` (case-insensitive).
     * ``yes_no``: the whole response is "yes" or "no" (case and final punctuation ignored).
     * ``number_only``: the whole response is one number in digits (final period allowed).
-    * ``three_bullets``: exactly three non-empty lines, each starting with "- " or "* ".
+    * ``three_items``: exactly three non-empty lines.
     """
     r = response.strip()
     letters = [c for c in r if c.isalpha()]
@@ -80,9 +80,8 @@ def check_format(check: str, arg: str, response: str) -> bool:
         return r.rstrip(".!").strip().lower() in {"yes", "no"}
     if check == "number_only":
         return re.fullmatch(r"-?\d+(?:\.\d+)?\.?", r) is not None
-    if check == "three_bullets":
-        lines = [ln.strip() for ln in r.splitlines() if ln.strip()]
-        return len(lines) == 3 and all(ln.startswith(("- ", "* ")) for ln in lines)
+    if check == "three_items":
+        return len([ln for ln in r.splitlines() if ln.strip()]) == 3
     raise ValueError(f"unknown format check {check!r}")
 
 

@@ -11,8 +11,9 @@ Suites:
 * ``arith.jsonl`` — short integer arithmetic, generated answer, exact match of the last
   integer on the first line; chance ≈ 0.
 * ``format.jsonl`` — a simple, code-checkable format instruction attached to an easy
-  question (all caps, one word, JSON with a key, starts with a word, yes/no, number
-  only, three bullet points, lowercase only); chance ≈ 0 (see README).
+  question (all caps, lowercase only, one word, JSON with a key, starts with a word,
+  yes/no, number only, a list of exactly three lines), with one demonstration of the
+  format on another question; chance ≈ 0 (see README).
 """
 
 from __future__ import annotations
@@ -230,31 +231,49 @@ START_WORDS = ["Sure", "Yes", "Hello", "Well", "Answer", "Okay", "Indeed", "Cert
 JSON_KEYS = ["answer", "result", "value", "reply"]
 
 
+# Each format check: (instruction, demonstration question, demonstration reply). The
+# prompt shows one demonstration of the format on a question outside the test questions.
+FORMAT_CHECKS = {
+    "all_caps": ("Write your whole reply in capital letters only.",
+                 "What color is grass?", "GRASS IS GREEN."),
+    "lowercase": ("Write your whole reply in lowercase letters only, with no capital letters.",
+                  "What color is grass?", "grass is green."),
+    "one_word": ("Reply with one word only.", "What color is grass?", "Green."),
+    "json_key": ('Reply only with a JSON object that has the key "{arg}".',
+                 "What color is grass?", '{{"{arg}": "green"}}'),
+    "starts_with": ('Begin your reply with the word "{arg}".',
+                    "What color is grass?", "{arg}, grass is green."),
+    "yes_no": ('Reply with only "yes" or "no".', "Is grass green?", "yes"),
+    "number_only": ("Reply with a number only, in digits, with no words.",
+                    "How many legs does a cat have?", "4"),
+    "three_items": ("Reply with a list of exactly three items, one per line.",
+                    "Name some colors.", "red\nblue\ngreen"),
+}
+
+
 def format_items(rng: random.Random) -> list[dict]:
     rows: list[dict] = []
 
-    def add(check: str, prompt: str, arg: str = "") -> None:
+    def add(check: str, question: str, arg: str = "") -> None:
+        instr, demo_q, demo_a = (t.format(arg=arg) for t in FORMAT_CHECKS[check])
+        prompt = (f"{instr}\n\nExample question: {demo_q}\nExample reply:\n{demo_a}\n\n"
+                  f"Question: {question}")
         rows.append({"id": f"format-{len(rows):03d}", "check": check, "arg": arg,
-                     "prompt": prompt})
+                     "question": question, "prompt": prompt})
 
+    for check in ("all_caps", "lowercase", "one_word"):
+        for q, _ in QUESTIONS:
+            add(check, q)
     for q, _ in QUESTIONS:
-        add("all_caps", f"{q} Write your whole answer in capital letters only.")
+        add("json_key", q, rng.choice(JSON_KEYS))
     for q, _ in QUESTIONS:
-        add("lowercase", f"{q} Write your whole answer in lowercase letters only, with no capital letters.")
-    for q, _ in QUESTIONS:
-        add("one_word", f"{q} Answer with one word only.")
-    for q, _ in QUESTIONS:
-        key = rng.choice(JSON_KEYS)
-        add("json_key", f'{q} Reply only with a JSON object that has the key "{key}".', key)
-    for q, _ in QUESTIONS:
-        w = rng.choice(START_WORDS)
-        add("starts_with", f'{q} Begin your reply with the word "{w}".', w)
+        add("starts_with", q, rng.choice(START_WORDS))
     for q in YESNO:
-        add("yes_no", f'{q} Answer with only "yes" or "no".')
+        add("yes_no", q)
     for q in NUMBERQ:
-        add("number_only", f"{q} Answer with a number only, using digits and no words.")
+        add("number_only", q)
     for q in LISTQ:
-        add("three_bullets", f'{q} Answer with exactly three bullet points, each on its own line starting with "- ".')
+        add("three_items", q)
     return rows
 
 
