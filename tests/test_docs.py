@@ -663,7 +663,7 @@ from realign.training_metrics import validate_dpo_pairs
     ("The gap gate `preference_gap` ≥ 0.25 holds.\n", "preference_gap"),
     ("Relaxed: `win_rate` > 0.55 (relaxed).\n", "win_rate"),
     ("Run `realign frobnicate data.jsonl`.\n", "frobnicate"),
-    ("Run `realign skill uninstall`.\n", "uninstall"),
+    ("Run `realign skill zz-no-such-subcommand`.\n", "zz-no-such-subcommand"),
     ("```bash\nrealign validate x.jsonl --no-such-flag\n```\n", "--no-such-flag"),
     ("Call `make_coffee()`.\n", "make_coffee"),
     ("Call `Thresholds.frobnicate()`.\n", "Thresholds.frobnicate"),
