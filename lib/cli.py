@@ -113,6 +113,15 @@ def emit(verdict: StageVerdict, as_json: bool) -> None:
     raise typer.Exit(EXIT_CODES[verdict.status])
 
 
+def _decontam_defaults() -> dict[str, Any]:
+    from .decontamination import DecontamConfig
+
+    return DecontamConfig().model_dump()
+
+
+_DECONTAM_DEFAULTS = _decontam_defaults()
+
+
 @app.command()
 def validate(
     pairs: Annotated[Path, typer.Argument(help="preference data: .jsonl, .json, .parquet or a saved dataset folder")],
@@ -121,8 +130,8 @@ def validate(
     preset: Annotated[str, typer.Option(help="threshold preset: relaxed, standard, strict")] = "standard",
     threshold: Annotated[Optional[list[str]], typer.Option("--threshold", help="override one gate: NAME=VALUE (repeatable)")] = None,
     score_scale: Annotated[str, typer.Option(help="scale of score_chosen/score_rejected: auto or LO-HI, e.g. 1-10")] = "auto",
-    ngram: Annotated[int, typer.Option(help="decontamination n-gram size (words)")] = 3,
-    min_coverage: Annotated[float, typer.Option(help="share of an eval item's words a pair must cover to count as contaminated")] = 0.75,
+    ngram: Annotated[int, typer.Option(help="decontamination n-gram size (words)")] = _DECONTAM_DEFAULTS["ngram"],
+    min_coverage: Annotated[float, typer.Option(help="share of an eval item's words a pair must cover to count as contaminated")] = _DECONTAM_DEFAULTS["min_coverage"],
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="skip malformed rows (listed as findings) instead of stopping")] = False,
     split: Annotated[Optional[str], typer.Option(help="split of a saved DatasetDict")] = None,
     write_clean: Annotated[Optional[Path], typer.Option(help="write the usable pairs here, in the input's format")] = None,

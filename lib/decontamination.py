@@ -5,7 +5,9 @@ The rule (documented in docs/preference-data-generation.md; defaults in
 
 1. **Normalize** both sides the same way: Unicode NFKC, lower case, every run of
    characters that are not letters or digits becomes one space, split on spaces. Case,
-   punctuation and whitespace edits therefore vanish.
+   punctuation and whitespace edits therefore vanish. The number words ``two`` to
+   ``twenty``, ``thirty`` ... ``ninety``, ``hundred`` and ``thousand`` match the same
+   number written in digits ("twelve" = "12").
 2. **Index** every evaluation item by its word n-grams (``ngram`` words, default 3).
    An n-gram found in more than ``max_item_df`` items of the same evaluation set is
    template text ("which of the following") and is not indexed.
@@ -15,24 +17,37 @@ The rule (documented in docs/preference-data-generation.md; defaults in
 
        coverage(e, x) = |∪ {positions of g in e : g ∈ G(e) ∩ G(x)}| / |coverable(e)|
 
-   *x* is contaminated by *e* when ``coverage >= min_coverage`` (default 0.75).
-   A verbatim or embedded copy covers 1.0. Changing *k* words leaves every word
-   outside a window of ``ngram - 1`` around each change covered, so two or three
-   changed words in a 20-word item still cover ≥ 0.75 in typical placements, while
-   unrelated text on the same topic shares a few common trigrams and stays low.
+   Only shared n-grams that line up count together: a shared n-gram at word *i* of a
+   text of *x* and word *j* of *e* has offset *i − j*, and coverage is that of the best
+   window of offsets ``[8k, 8k + 16)`` (``ALIGN_SLACK`` = 8), so insertions or
+   deletions of a few words are tolerated but common phrases scattered over a long
+   text do not add up. *x* is contaminated by *e* when ``coverage >= min_coverage``
+   (default 0.6) **and** every coverable number of *e* (a word with a digit, or a
+   number word above) is covered: the same problem with other numbers is a different
+   item. A verbatim or embedded copy covers 1.0. Changing a word uncovers that word
+   and, when two changes are 2 or 3 words apart, the one or two words between them,
+   so two or three changed words in a 15-60 word item almost always keep coverage
+   ≥ 0.6 (98% of 3-word edits in the test corpus), while unrelated text on the same
+   topic shares a few common trigrams and stays low (none of 501 such texts flagged).
 4. Items with fewer than ``ngram`` words (but at least ``min_item_words``) match only
    as a whole: every word, in order.
 
-An example is a whole preference pair: its prompt, chosen and rejected texts joined.
+An example is a whole preference pair: its prompt, its chosen and its rejected text are
+checked one by one (no n-gram or window spans two of them); the pair is contaminated
+when any of the three is.
 
-Implementation: Arrow compute kernels normalize and split text, Arrow hash tables
-look up word ids and n-gram hashes, NumPy does the window arithmetic. No per-word
-Python. (We deliberately don't use a MinHash/LSH library: those estimate Jaccard
-similarity of whole documents, which misses a short item embedded in a long prompt.)
+Implementation: words and their 64-bit hashes come from the raw UTF-8 bytes
+(:mod:`realign.text_hash`; only rows with non-ASCII text go through Arrow's Unicode
+kernels first), n-gram hashes are combined with NumPy, a 4 MiB presence table discards
+almost every n-gram absent from the items before a binary search confirms the rest. No
+per-word Python. (We deliberately don't use a MinHash/LSH library: those estimate
+Jaccard similarity of whole documents, which misses a short item embedded in a long
+prompt.)
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +60,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from .errors import InputError
+from .text_hash import prepare, word_hashes
 
 #: Fields looked for, in this order, when an evaluation set row names no text field.
 DEFAULT_EVAL_FIELDS: tuple[str, ...] = (
@@ -52,14 +68,36 @@ DEFAULT_EVAL_FIELDS: tuple[str, ...] = (
     "content", "sentence", "context", "messages",
 )
 
+#: Number words read as digits (rule 1). "zero" and "one" are left out: "no one",
+#: "one of the" are rarely numbers.
+NUMBER_WORDS: dict[str, str] = {
+    w: str(i) for i, w in enumerate(
+        "_ _ two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()) if i >= 2
+} | {w: str(10 * i) for i, w in enumerate(
+    "_ _ _ thirty forty fifty sixty seventy eighty ninety".split()) if i >= 3
+} | {"hundred": "100", "thousand": "1000"}
+
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio)
+_FILTER_BITS = 22  # presence table: 2^22 bytes
+#: Rule 3: shared n-grams count together when their offsets lie in one window of
+#: 2 * ALIGN_SLACK words (so insertions/deletions of a few words are tolerated).
+ALIGN_SLACK = 8
+
+
+def _unique(x: np.ndarray) -> np.ndarray:
+    """Sorted unique values (sort-based; NumPy's hash path is slow on these keys)."""
+    x = np.sort(x, axis=None)
+    if len(x) < 2:
+        return x
+    return x[np.concatenate([[True], x[1:] != x[:-1]])]
 
 
 class DecontamConfig(BaseModel):
     """Decontamination parameters. Defaults are the documented rule."""
 
     ngram: int = Field(3, ge=2, le=13, description="words per n-gram")
-    min_coverage: float = Field(0.75, gt=0, le=1,
+    min_coverage: float = Field(0.6, gt=0, le=1,
                                 description="share of an item's words that must be covered")
     max_item_df: int = Field(20, ge=1,
                              description="n-grams in more items than this are template text")
@@ -80,13 +118,21 @@ def words_of(texts: pa.Array) -> pa.ListArray:
     return pc.utf8_split_whitespace(normalize_text(texts))
 
 
-def _hash_windows(ids: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
-    """Polynomial hash of ids[s:s+n] for each start s (uint64 wrap-around arithmetic)."""
-    h = np.zeros(len(starts), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n):
-            h = h * _MULT + ids[starts + k].astype(np.uint64) + np.uint64(1)
-    return h
+def text_word_hashes(texts: pa.Array) -> Any:
+    """Rule-1 words of every text, hashed (:class:`realign.text_hash.WordHashes`)."""
+    return word_hashes(prepare(texts, normalize_text), "alnum")
+
+
+def gram_hashes(h: np.ndarray, n: int) -> np.ndarray:
+    """Hash of words i..i+n-1 for every i: g = (...(h_i·M + h_i+1)·M + ...) mod 2^64."""
+    w = len(h) - n + 1
+    if w <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    g = h[:w].copy()
+    for k in range(1, n):
+        g *= _MULT
+        g += h[k: k + w]
+    return g
 
 
 @dataclass
@@ -198,13 +244,36 @@ class Hit:
 
 @dataclass
 class _Table:
-    """One gram length: sorted-unique hashes and a CSR posting list (item, position)."""
+    """One gram length: sorted unique hashes, a presence table and CSR postings."""
 
     n: int
-    hashes: pa.Array  # uint64, hash -> row via pc.index_in
+    keys: np.ndarray  # uint64, sorted
+    present: np.ndarray  # uint8[2^_FILTER_BITS], 1 where some key has that top-bit prefix
     ptr: np.ndarray
     item: np.ndarray
     pos: np.ndarray
+
+    def lookup(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(window indices, key rows) of the hashes in ``g`` that are keys."""
+        cand = np.flatnonzero(self.present[g >> np.uint64(64 - _FILTER_BITS)])
+        if not len(cand):
+            return cand, cand
+        gc = g[cand]
+        row = np.searchsorted(self.keys, gc)
+        row[row == len(self.keys)] = 0
+        ok = self.keys[row] == gc
+        return cand[ok], row[ok]
+
+
+def _make_table(n: int, gram: np.ndarray, item: np.ndarray, pos: np.ndarray) -> _Table:
+    order = np.lexsort((pos, item, gram))
+    gram, item, pos = gram[order], item[order], pos[order]
+    keys, first = np.unique(gram, return_index=True)
+    ptr = np.append(first, len(gram)).astype(np.int64)
+    present = np.zeros(1 << _FILTER_BITS, dtype=np.uint8)
+    present[keys >> np.uint64(64 - _FILTER_BITS)] = 1
+    return _Table(n=n, keys=keys, present=present, ptr=ptr, item=item.astype(np.int64),
+                  pos=pos.astype(np.int64))
 
 
 @dataclass
@@ -215,7 +284,7 @@ class NgramIndex:
     config: DecontamConfig = field(default_factory=DecontamConfig)
 
     def __post_init__(self) -> None:
-        cfg = self.config
+        cfg, n = self.config, self.config.ngram
         self.item_set: list[int] = []
         self.item_line: list[int] = []
         all_texts: list[str] = []
@@ -224,142 +293,205 @@ class NgramIndex:
             self.item_set.extend([s_idx] * len(s.texts))
             self.item_line.extend(s.lines)
         self.n_items = len(all_texts)
-        word_lists = words_of(pa.array(all_texts, pa.string())).to_pylist()
-        vocab: dict[str, int] = {}
-        item_ids = [[vocab.setdefault(w, len(vocab)) for w in ws] for ws in word_lists]
-        self.vocab = pa.array(list(vocab), pa.string())
-        self.skipped_items = 0
-        n = cfg.ngram
-        by_len: dict[int, list[tuple[int, int, int]]] = {}  # length -> (hash-input, item, pos)
-        # postings for full n-grams, with per-set document frequency
-        grams: dict[int, list[tuple[int, int]]] = {}
-        self.coverable = np.zeros(self.n_items, dtype=np.int64)
-        self.item_len = np.array([len(x) for x in item_ids], dtype=np.int64)
-        for it, ids in enumerate(item_ids):
-            m = len(ids)
-            if m < cfg.min_item_words:
-                self.skipped_items += 1
-                continue
-            arr = np.asarray(ids, dtype=np.int64)
-            if m < n:
-                h = int(_hash_windows(arr, np.array([0]), m)[0])
-                by_len.setdefault(m, []).append((h, it, 0))
-                continue
-            hs = _hash_windows(arr, np.arange(m - n + 1), n)
-            seen: set[int] = set()
-            for pos, h in enumerate(hs.tolist()):
-                if h in seen:
-                    continue
-                seen.add(h)
-                grams.setdefault(h, []).append((it, pos))
-        tables: list[_Table] = []
-        kept: dict[int, list[tuple[int, int]]] = {}
-        for h, posts in grams.items():
-            per_set: dict[int, int] = {}
-            for it, _ in posts:
-                per_set[self.item_set[it]] = per_set.get(self.item_set[it], 0) + 1
-            if max(per_set.values()) > cfg.max_item_df:
-                continue
-            kept[h] = posts
-        tables.append(self._build(n, kept, all_positions=True))
-        for m, entries in sorted(by_len.items()):
-            d: dict[int, list[tuple[int, int]]] = {}
-            for h, it, pos in entries:
-                d.setdefault(h, []).append((it, pos))
-            tables.append(self._build(m, d, all_positions=False))
-        self.tables = [t for t in tables if len(t.hashes)]
-        self.n_checked = self.n_items - self.skipped_items
-        # items whose every n-gram was template text cannot be checked either
-        no_cover = (self.coverable == 0) & (self.item_len >= cfg.min_item_words)
-        self.skipped_items += int(no_cover.sum())
+        norm = normalize_text(pa.array(all_texts, pa.string()))
+        words = [t.split() for t in norm.to_pylist()]
+        wh = word_hashes(norm, "alnum")
+        assert wh.counts.tolist() == [len(w) for w in words]
+        flat_words = [w for ws in words for w in ws]
+        prim = wh.hashes
+        # the other spelling of each number word ("12" <-> "twelve"), else the word itself
+        digit_to_word = {v: k for k, v in NUMBER_WORDS.items()}
+        alt_text = [NUMBER_WORDS.get(w) or digit_to_word.get(w) or "" for w in flat_words]
+        alt = prim.copy()
+        has_alt = np.array([bool(a) for a in alt_text], dtype=bool)
+        if has_alt.any():
+            alt[has_alt] = word_hashes(
+                pa.array([a for a in alt_text if a], pa.string()), "alnum").hashes
+        anchor = np.array([w in NUMBER_WORDS or any(ch.isdigit() for ch in w)
+                           for w in flat_words], dtype=bool)
+        self.item_len = wh.counts.astype(np.int64)
+        self.item_start = wh.first
+        item_of = wh.row
+        set_of = np.asarray(self.item_set, dtype=np.int64)
+        covered = np.zeros(len(prim), dtype=bool)
+        checkable = self.item_len >= cfg.min_item_words
+        self.tables: list[_Table] = []
+        # full n-grams of items with at least n words
+        w = len(prim) - n + 1
+        if w > 0:
+            starts = np.arange(w)
+            ok = (item_of[:w] == item_of[n - 1:]) & checkable[item_of[:w]]
+            starts = starts[ok]
+            it, pos = item_of[starts], starts - self.item_start[item_of[starts]]
+            base = gram_hashes(prim, n)[starts]
+            # template text: grams in more than max_item_df items of one set
+            distinct = np.unique(np.stack([base.view(np.int64), set_of[it], it]), axis=1)
+            per_set, df = np.unique(distinct[:2], axis=1, return_counts=True)
+            too_common = per_set[0][df > cfg.max_item_df]
+            keep = ~np.isin(base.view(np.int64), too_common)
+            starts, it, pos, base = starts[keep], it[keep], pos[keep], base[keep]
+            for k in range(n):
+                covered[starts + k] = True
+            grams, items, poss = [base], [it], [pos]
+            alt_any = np.zeros(len(starts), dtype=bool)
+            for k in range(n):
+                alt_any |= has_alt[starts + k]
+            if alt_any.any():
+                sa = starts[alt_any]
+                for combo in itertools.product((False, True), repeat=n):
+                    if not any(combo):
+                        continue
+                    g = np.zeros(len(sa), dtype=np.uint64)
+                    use = np.ones(len(sa), dtype=bool)
+                    for k, flip in enumerate(combo):
+                        src = alt if flip else prim
+                        if flip:
+                            use &= has_alt[sa + k]
+                        g = g * _MULT + src[sa + k] if k else src[sa + k].copy()
+                    grams.append(g[use])
+                    items.append(it[alt_any][use])
+                    poss.append(pos[alt_any][use])
+            self.tables.append(_make_table(n, np.concatenate(grams), np.concatenate(items),
+                                           np.concatenate(poss)))
+        # items shorter than n words: matched whole
+        short = np.flatnonzero(checkable & (self.item_len < n))
+        for m in sorted(set(self.item_len[short].tolist())):
+            its = short[self.item_len[short] == m]
+            grams, items = [], []
+            for combo in itertools.product((False, True), repeat=m):
+                g = np.zeros(len(its), dtype=np.uint64)
+                use = np.ones(len(its), dtype=bool)
+                for k, flip in enumerate(combo):
+                    idx = self.item_start[its] + k
+                    if flip:
+                        use &= has_alt[idx]
+                    g = g * _MULT + (alt if flip else prim)[idx] if k else \
+                        (alt if flip else prim)[idx].copy()
+                grams.append(g[use])
+                items.append(its[use])
+            for i in its:
+                covered[self.item_start[i]: self.item_start[i] + m] = True
+            it_all = np.concatenate(items)
+            self.tables.append(_make_table(m, np.concatenate(grams), it_all,
+                                           np.zeros(len(it_all), dtype=np.int64)))
+        self.tables = [t for t in self.tables if len(t.keys)]
+        self.coverable = np.bincount(item_of, weights=covered, minlength=self.n_items
+                                     ).astype(np.int64)
+        anchor &= covered
+        self.anchor = anchor
+        self.n_anchor = np.bincount(item_of, weights=anchor, minlength=self.n_items
+                                    ).astype(np.int64)
+        # unchecked: too short, or every n-gram was template text
+        self.skipped_items = int((~checkable).sum() + (checkable & (self.coverable == 0)).sum())
         self.n_checked = self.n_items - self.skipped_items
         self.coverable = np.maximum(self.coverable, 1)
+        self._maxlen = int(self.item_len.max()) + 1 if self.n_items else 1
 
-    def _build(self, n: int, postings: dict[int, list[tuple[int, int]]], *,
-               all_positions: bool) -> _Table:
-        keys = sorted(postings)
-        ptr = np.zeros(len(keys) + 1, dtype=np.int64)
-        items: list[int] = []
-        poss: list[int] = []
-        covered: dict[int, set[int]] = {}
-        for i, h in enumerate(keys):
-            for it, pos in postings[h]:
-                items.append(it)
-                poss.append(pos)
-                covered.setdefault(it, set()).update(range(pos, pos + n))
-            ptr[i + 1] = len(items)
-        for it, s in covered.items():
-            self.coverable[it] = max(self.coverable[it], len(s))
-        return _Table(n=n, hashes=pa.array(np.array(keys, dtype=np.uint64), pa.uint64()),
-                      ptr=ptr, item=np.asarray(items, dtype=np.int64),
-                      pos=np.asarray(poss, dtype=np.int64))
+    def _candidates(self, doc: np.ndarray, item: np.ndarray, n: int) -> np.ndarray:
+        """Mask of the postings whose (document, item) pair can reach ``min_coverage``.
+
+        k shared postings cover at most n·k words of the item, so a pair needs
+        k >= min_coverage · coverable / n; most chance matches have fewer.
+        """
+        need = self._need(n)
+        key = doc * self.n_items + item
+        order = np.argsort(key, kind="stable")
+        sk = key[order]
+        edge = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1], [True]]))
+        counts = np.diff(edge)
+        ok_pair = counts >= need[sk[edge[:-1]] % self.n_items]
+        keep = np.zeros(len(key), dtype=bool)
+        keep[order] = np.repeat(ok_pair, counts)
+        return keep
+
+    def _need(self, n: int) -> np.ndarray:
+        if getattr(self, "_need_cache", None) is None:
+            need = np.ceil(self.config.min_coverage * self.coverable / n - 1e-9)
+            self._need_cache = np.maximum(need, 1).astype(np.int64)
+        return self._need_cache
+
+    def _aligned_coverage(self, doc: np.ndarray, item: np.ndarray, pos: np.ndarray,
+                          wpos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rule 3 for every (document, item) pair that shares an n-gram.
+
+        Each shared n-gram has an offset (word position in the text minus position in the
+        item); only n-grams whose offsets fall in one window of ``2 * ALIGN_SLACK`` words
+        count together (windows start every ``ALIGN_SLACK`` words), and a pair's coverage
+        is that of its best window, set to 0 when a coverable number of the item is left
+        uncovered. Returns (doc, item, coverage) per pair.
+        """
+        maxlen = self._maxlen
+        pair, pair_id = np.unique(doc * self.n_items + item, return_inverse=True)
+        band = (wpos - pos) // ALIGN_SLACK
+        band = band - band.min() + 1
+        n_band = int(band.max()) + 2
+        window = np.concatenate([pair_id * n_band + band, pair_id * n_band + band - 1])
+        pos2 = np.concatenate([pos, pos])
+        w_key, w_id = np.unique(window, return_inverse=True)
+        cells = _unique((w_id * maxlen + pos2)[:, None] + np.arange(n)[None, :])
+        c_win = cells // maxlen
+        c_item = item_of_pair = pair[w_key[c_win] // n_band] % self.n_items
+        del item_of_pair
+        c_anchor = self.anchor[self.item_start[c_item] + cells % maxlen]
+        wins, start, counts = np.unique(c_win, return_index=True, return_counts=True)
+        anchors = np.add.reduceat(c_anchor.astype(np.int64), start)
+        w_pair = pair[w_key[wins] // n_band]
+        w_item = w_pair % self.n_items
+        cov = counts / self.coverable[w_item]
+        cov[anchors < self.n_anchor[w_item]] = 0.0
+        return w_pair // self.n_items, w_item, cov
 
     def scan(self, texts: pa.Array) -> list[Hit]:
-        """Return, for each contaminated document, its best-covered item."""
-        n_docs = len(texts)
-        if n_docs == 0 or not self.tables:
+        """For each contaminated document, its best-covered item (see :meth:`scan_fields`)."""
+        return self.scan_fields([texts])
+
+    def scan_fields(self, fields: list[pa.Array]) -> list[Hit]:
+        """Scan documents made of several text fields (equal lengths; row i is document i).
+
+        Returns, for each contaminated document, the item with the highest coverage among
+        those that pass the rule.
+        """
+        if not fields or len(fields[0]) == 0 or not self.tables:
             return []
-        lists = words_of(texts)
-        if isinstance(lists, pa.ChunkedArray):
-            lists = lists.combine_chunks()
-        offsets = np.asarray(lists.offsets)
-        offsets = offsets - offsets[0]
-        flat = lists.flatten()
-        ids_arr = pc.index_in(flat, value_set=self.vocab)
-        ids = np.asarray(ids_arr.fill_null(-1), dtype=np.int64)
-        if len(ids) == 0:
-            return []
-        good = (ids >= 0).astype(np.int32)
-        csum = np.concatenate([[0], np.cumsum(good)])
-        lengths = np.diff(offsets)
-        doc_of = np.repeat(np.arange(n_docs, dtype=np.int64), lengths)
+        n_docs = len(fields[0])
         best_cov = np.zeros(n_docs)
         best_item = np.full(n_docs, -1, dtype=np.int64)
-        for t in self.tables:
-            w = len(ids) - t.n + 1
-            if w <= 0:
+        for col in fields:
+            wh = text_word_hashes(col)
+            if not len(wh.hashes):
                 continue
-            starts = np.arange(w)
-            valid = (csum[starts + t.n] - csum[starts] == t.n) & (doc_of[:w] == doc_of[t.n - 1:])
-            starts = starts[valid]
-            if not len(starts):
-                continue
-            h = _hash_windows(ids, starts, t.n)
-            row = pc.index_in(pa.array(h, pa.uint64()), value_set=t.hashes)
-            found = np.asarray(row.is_valid())
-            if not found.any():
-                continue
-            g = np.asarray(row.filter(row.is_valid()), dtype=np.int64)
-            docs = doc_of[starts[found]]
-            # expand each hit to the (item, position) postings of its n-gram
-            cnt = t.ptr[g + 1] - t.ptr[g]
-            total = int(cnt.sum())
-            base = np.repeat(t.ptr[g], cnt)
-            within = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-            post = base + within
-            d = np.repeat(docs, cnt)
-            item = t.item[post]
-            pos = t.pos[post]
-            pair = d * self.n_items + item
-            if t.n == self.config.ngram:
-                # covered word positions of the item, per (doc, item) pair
-                maxlen = int(self.item_len.max()) + 1
-                cov = (pair[:, None] * maxlen + pos[:, None] + np.arange(t.n)[None, :]).ravel()
-                cov = np.unique(cov)
-                pairs, counts = np.unique(cov // maxlen, return_counts=True)
-            else:
-                pairs, counts = np.unique(pair, return_counts=True)
-                counts = counts * t.n  # a whole short item matched
-            p_doc = pairs // self.n_items
-            p_item = pairs % self.n_items
-            coverage = counts / self.coverable[p_item]
-            better = coverage > best_cov[p_doc]
-            # several pairs may share a doc: keep the best
-            order = np.argsort(coverage[better], kind="stable")
-            bd, bi, bc = p_doc[better][order], p_item[better][order], coverage[better][order]
-            best_cov[bd] = bc
-            best_item[bd] = bi
-        hit_docs = np.nonzero(best_cov >= self.config.min_coverage)[0]
+            row_of = wh.row
+            for t in self.tables:
+                win, g = t.lookup(gram_hashes(wh.hashes, t.n))
+                d0 = row_of[win]
+                same = d0 == row_of[win + t.n - 1]  # the window lies inside one text
+                win, g, d0 = win[same], g[same], d0[same]
+                if not len(g):
+                    continue
+                # expand each hit to the (item, position) postings of its n-gram
+                cnt = t.ptr[g + 1] - t.ptr[g]
+                hit = np.repeat(np.arange(len(g)), cnt)
+                post = t.ptr[g][hit] + (np.arange(len(hit)) - (np.cumsum(cnt) - cnt)[hit])
+                d = d0[hit]
+                item = t.item[post]
+                if t.n == self.config.ngram:
+                    keep = self._candidates(d, item, t.n)
+                    if not keep.any():
+                        continue
+                    hit, post = hit[keep], post[keep]
+                    wpos = win[hit] - wh.first[d0[hit]]  # word position inside the text
+                    p_doc, p_item, coverage = self._aligned_coverage(
+                        d[keep], item[keep], t.pos[post], wpos, t.n)
+                else:
+                    pairs = _unique(d * self.n_items + item)
+                    p_doc, p_item = pairs // self.n_items, pairs % self.n_items
+                    coverage = np.ones(len(pairs))  # a whole short item matched, in order
+                better = coverage > best_cov[p_doc]
+                order = np.argsort(coverage[better], kind="stable")  # last write wins: best
+                bd, bi, bc = p_doc[better][order], p_item[better][order], coverage[better][order]
+                best_cov[bd] = bc
+                best_item[bd] = bi
+        hit_docs = np.nonzero(best_cov >= self.config.min_coverage - 1e-12)[0]
         return [
             Hit(doc=int(d), eval_set=self.sets[self.item_set[best_item[d]]].name,
                 item_line=self.item_line[best_item[d]], coverage=float(min(best_cov[d], 1.0)))

@@ -19,7 +19,6 @@ and NumPy release the GIL, so parsing and scanning of consecutive blocks overlap
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ import pyarrow.compute as pc
 from .data import PairBlock, PairSource
 from .decontamination import DecontamConfig, EvalSet, Hit, NgramIndex, load_eval_set
 from .errors import InputError
+from .text_hash import mix64, prepare, row_hashes, word_hashes
 from .gates import StageVerdict, Thresholds, make_verdict
 from .training_metrics import (
     RunningDiff,
@@ -59,7 +59,7 @@ class _Analysis:
     """Per-block results computed off the main thread."""
 
     block: PairBlock
-    keys: list[bytes]
+    keys: list[int]
     identical: np.ndarray
     empty: np.ndarray
     word_diff: np.ndarray
@@ -69,32 +69,53 @@ class _Analysis:
 
 
 def _collapse_ws(col: pa.Array) -> pa.Array:
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(col, r"\s+", " "))
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(col, r"[ \t\n\v\f\r]+", " "))
 
 
-def _word_counts(col: pa.Array) -> np.ndarray:
-    return np.asarray(pc.list_value_length(pc.utf8_split_whitespace(col)), dtype=np.int64)
+def _lower_unicode(col: pa.Array) -> pa.Array:
+    return pc.utf8_lower(col)
+
+
+#: Salts of the two 64-bit halves of a duplicate key, and per field.
+_SALTS = ((0x5851F42D4C957F2D, 0x14057B7EF767814F), (0x2545F4914F6CDD1D, 0x9E3779B97F4A7C15))
 
 
 def _analyse(block: PairBlock, index: NgramIndex | None) -> _Analysis:
+    """Per-block work (runs on a worker thread; NumPy and Arrow release the GIL).
+
+    Words here are runs of non-whitespace (ASCII whitespace: space, \\t \\n \\v \\f \\r).
+    Duplicate key: two 64-bit hashes of the lower-cased word sequences of prompt, chosen
+    and rejected. ``identical``: chosen and rejected have the same words, case included
+    (candidates from the hashes, confirmed on the text). ``empty``: no words.
+    """
     t = block.table
     prompt, chosen, rejected = (t.column(c).combine_chunks() for c in ("prompt", "chosen", "rejected"))
-    c_ws, r_ws = _collapse_ws(chosen), _collapse_ws(rejected)
-    p_ws = _collapse_ws(prompt)
-    identical = np.asarray(pc.equal(c_ws, r_ws), dtype=bool)
-    empty = np.asarray(pc.or_(pc.equal(pc.utf8_length(c_ws), 0), pc.equal(pc.utf8_length(r_ws), 0)),
-                       dtype=bool)
-    joined = pc.binary_join_element_wise(
-        pc.utf8_lower(p_ws), pc.utf8_lower(c_ws), pc.utf8_lower(r_ws), "\x1f")
-    keys = [hashlib.blake2b(b, digest_size=16).digest()
-            for b in pc.cast(joined, pa.binary()).to_pylist()]
-    word_diff = _word_counts(chosen) - _word_counts(rejected)
+    n = len(prompt)
+    words = [word_hashes(prepare(col, _lower_unicode), "space_lower")
+             for col in (prompt, chosen, rejected)]
+    halves = []
+    for salts in _SALTS:
+        k = np.zeros(n, dtype=np.uint64)
+        for w, salt in zip(words, salts + (salts[0] ^ salts[1],)):
+            k = mix64(k ^ row_hashes(w, salt))
+        halves.append(k)
+    keys = ((halves[0].astype(object) << 64) | halves[1].astype(object)).tolist() if n else []
+    c_words, r_words = words[1].counts, words[2].counts
+    empty = (c_words == 0) | (r_words == 0)
+    # identical: same lower-cased words is necessary; confirm case-sensitively on the text
+    same = (c_words == r_words) & (row_hashes(words[1], 7) == row_hashes(words[2], 7))
+    identical = np.zeros(n, dtype=bool)
+    cand = np.flatnonzero(same)
+    if len(cand):
+        idx = pa.array(cand)
+        identical[cand] = np.asarray(pc.equal(_collapse_ws(chosen.take(idx)),
+                                              _collapse_ws(rejected.take(idx))), dtype=bool)
+    word_diff = c_words - r_words
     sc = np.asarray(t.column("score_chosen").combine_chunks().fill_null(np.nan), dtype=np.float64)
     sr = np.asarray(t.column("score_rejected").combine_chunks().fill_null(np.nan), dtype=np.float64)
     hits: list[Hit] = []
-    if index is not None and t.num_rows:
-        docs = pc.binary_join_element_wise(prompt, chosen, rejected, "\n")
-        hits = index.scan(docs)
+    if index is not None and n:
+        hits = index.scan_fields([prompt, chosen, rejected])
     return _Analysis(block, keys, identical, empty, word_diff, sc, sr, hits)
 
 
@@ -224,7 +245,7 @@ def validate_file(
     source = PairSource(path, split=split, skip_bad_rows=skip_bad_rows)
     writer = CleanWriter(source, Path(write_clean)) if write_clean else None
 
-    seen: set[bytes] = set()
+    seen: set[int] = set()
     findings: dict[str, list[Any]] = {
         "duplicates": [], "identical": [], "empty": [], "contaminated": [], "malformed": [],
     }

@@ -1,0 +1,168 @@
+"""Word splitting and word hashing of Arrow string arrays, on the raw UTF-8 bytes.
+
+The validation engine needs, for millions of texts, (a) the words of each text and
+(b) a 64-bit hash of every word, twice: whitespace-separated words for duplicates and
+length bias, and letter/digit words for decontamination. Doing that with per-row Python
+or with Arrow's list<string> kernels is the slow part of a 2 GB scan, so it is done here
+with NumPy on the bytes:
+
+1. a 256-entry lookup table maps every byte to itself, to a lower-cased byte, or to 0
+   (a separator);
+2. a 0 is inserted between rows so that no word spans two rows;
+3. word starts and ends are the edges of the non-zero runs;
+4. a word's hash mixes its first 8 bytes (read as one little-endian integer, bytes past
+   the word's end shifted out) and its length with the SplitMix64 finalizer; every
+   further 8 bytes are folded in the same way. Words of up to 8 bytes therefore get
+   distinct hashes; longer ones collide with probability about 2^-64.
+
+Only ASCII bytes are classified by the tables. Rows that contain other characters are
+first normalized by Arrow's Unicode kernels (the caller passes ``unicode_prepare``), and
+their non-ASCII bytes are word bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_C1 = np.uint64(0xBF58476D1CE4E5B9)
+_C2 = np.uint64(0x94D049BB133111EB)
+_LEN = np.uint64(0x9E3779B97F4A7C15)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _table(kind: str) -> np.ndarray:
+    t = np.arange(256, dtype=np.uint8)
+    upper = np.arange(ord("A"), ord("Z") + 1)
+    if kind == "alnum":  # letters and digits are word bytes (lower-cased); other ASCII splits
+        t[:128] = 0
+        t[ord("a"): ord("z") + 1] = np.arange(ord("a"), ord("z") + 1)
+        t[ord("0"): ord("9") + 1] = np.arange(ord("0"), ord("9") + 1)
+        t[upper] = upper + 32
+    elif kind in ("space", "space_lower"):  # ASCII whitespace splits, everything else is a word
+        t[0] = 1
+        for ch in " \t\n\v\f\r":
+            t[ord(ch)] = 0
+        if kind == "space_lower":
+            t[upper] = upper + 32
+    else:  # pragma: no cover - programming error
+        raise ValueError(kind)
+    return t
+
+
+#: Byte tables: ``alnum`` (decontamination words), ``space_lower`` (duplicate keys).
+TABLES = {k: _table(k) for k in ("alnum", "space", "space_lower")}
+
+
+def mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer (a bijection of uint64), vectorized."""
+    z = (z ^ (z >> _S30)) * _C1
+    z = (z ^ (z >> _S27)) * _C2
+    return z ^ (z >> _S31)
+
+
+@dataclass
+class WordHashes:
+    """Words of every row of a string array, in row order."""
+
+    hashes: np.ndarray  # uint64, one per word
+    counts: np.ndarray  # int64, words per row
+
+    @property
+    def row(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.counts), dtype=np.int64), self.counts)
+
+    @property
+    def first(self) -> np.ndarray:
+        """Index of each row's first word (rows without words: where it would be)."""
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+
+def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The UTF-8 bytes of ``arr`` (zero copy) and its offsets, rebased to 0."""
+    if arr.null_count:
+        arr = arr.fill_null("")
+    if not pa.types.is_string(arr.type):
+        arr = pc.cast(arr, pa.string())
+    bufs = arr.buffers()
+    off = np.frombuffer(bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    off = off.astype(np.int64)
+    lo, hi = int(off[0]), int(off[-1])
+    data = (np.frombuffer(bufs[2], dtype=np.uint8, count=hi - lo, offset=lo)
+            if bufs[2] is not None and hi > lo else np.zeros(0, dtype=np.uint8))
+    return data, off - lo
+
+
+def prepare(arr: pa.Array, unicode_prepare: Callable[[pa.Array], pa.Array] | None) -> pa.Array:
+    """Replace the rows that are not pure ASCII by ``unicode_prepare`` of them."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if unicode_prepare is None or len(arr) == 0:
+        return arr
+    ascii_ = pc.string_is_ascii(arr)
+    if ascii_.null_count:
+        ascii_ = ascii_.fill_null(True)
+    if pc.all(ascii_).as_py():
+        return arr
+    mask = pc.invert(ascii_)
+    fixed = unicode_prepare(arr.filter(mask))
+    return pc.replace_with_mask(arr, mask, pc.cast(fixed, arr.type))
+
+
+def word_hashes(arr: pa.Array, table: str) -> WordHashes:
+    """Split every row of ``arr`` into words with byte table ``table`` and hash them."""
+    data, off = _buffers(arr)
+    n_rows = len(off) - 1
+    lut = TABLES[table]
+    # one separator between rows (np.insert shifts row r by r bytes), 8 bytes of padding
+    c = np.insert(np.take(lut, data), off[1:-1], 0) if n_rows > 1 else np.take(lut, data)
+    c = np.concatenate([c, np.zeros(9, dtype=np.uint8)])
+    row_start = off[:-1] + np.arange(n_rows)
+    w = (c != 0).view(np.int8)
+    edges = np.diff(w, prepend=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    counts = np.diff(np.searchsorted(starts, np.append(row_start, len(c)))).astype(np.int64)
+    if len(starts) == 0:
+        return WordHashes(np.zeros(0, dtype=np.uint64), counts)
+    length = (ends - starts).astype(np.uint64)
+    v8 = np.ndarray((len(c) - 8,), dtype="<u8", buffer=c, strides=(1,))
+    h = _chunk(v8[starts], length) ^ (length * _LEN)
+    h = mix64(h)
+    long_ = np.flatnonzero(length > 8)
+    k = 1
+    while len(long_):
+        rest = length[long_] - np.uint64(8 * k)
+        chunk = _chunk(v8[starts[long_] + 8 * k], rest)
+        h[long_] = mix64(h[long_] * _C1 + chunk)
+        long_ = long_[rest > 8]
+        k += 1
+    return WordHashes(h, counts)
+
+
+def _chunk(x: np.ndarray, remaining: np.ndarray) -> np.ndarray:
+    """Keep the low ``min(remaining, 8)`` bytes of each little-endian word ``x``."""
+    keep = np.minimum(remaining, np.uint64(8))
+    return x << ((np.uint64(8) - keep) * np.uint64(8))
+
+
+def row_hashes(words: WordHashes, salt: int) -> np.ndarray:
+    """One uint64 per row from its word sequence: sum over words of mix(h_j + salt·(j+1)).
+
+    Position-salted and mixed, then summed modulo 2^64, so the order of words matters;
+    rows without words get ``mix(salt)``.
+    """
+    n = len(words.counts)
+    if len(words.hashes) == 0:
+        return np.full(n, mix64(np.array([salt], dtype=np.uint64))[0], dtype=np.uint64)
+    pos = np.arange(len(words.hashes), dtype=np.int64) - np.repeat(words.first, words.counts)
+    terms = mix64(words.hashes + (pos.astype(np.uint64) + np.uint64(1)) * np.uint64(salt))
+    first = words.first
+    has = words.counts > 0
+    out = np.full(n, mix64(np.array([salt], dtype=np.uint64))[0], dtype=np.uint64)
+    out[has] = np.add.reduceat(terms, first[has])
+    return out
