@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
@@ -48,6 +49,9 @@ DEFAULT_BLOCK_BYTES = 16 << 20
 SNIFF_ROWS = 1000
 SNIFF_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
+#: Arrow parses a JSONL block in pieces of this size, on its own thread pool.
+ARROW_BLOCK_BYTES = 4 << 20
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*(?:\n|$)")  # a blank line after the first
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCORE_FIELDS = ("score_chosen", "score_rejected")
@@ -79,11 +83,22 @@ class PairBlock:
     """One block of rows: normalized columns plus what is needed to write them back."""
 
     table: pa.Table  # NORMALIZED_SCHEMA
-    raw_lines: list[bytes] | None = None  # jsonl: one entry per row, without newline
-    raw_table: pa.Table | None = None  # parquet/dataset/json: original rows
+    raw_data: bytes | None = None  # jsonl fast path: the block's bytes, one row per line
+    raw_table: pa.Table | None = None  # parquet/dataset: original rows
     raw_objects: list[Any] | None = None  # json arrays: original objects
     bad: list[BadRow] = field(default_factory=list)
     bytes_read: int = 0
+    _lines: list[bytes] | None = None  # jsonl slow path: the kept rows' lines
+
+    @property
+    def raw_lines(self) -> list[bytes] | None:
+        """JSONL: one entry per row of ``table``, without the newline (split lazily)."""
+        if self._lines is None and self.raw_data is not None:
+            lines = self.raw_data.split(b"\n")
+            if lines and lines[-1] == b"":
+                lines.pop()
+            self._lines = lines
+        return self._lines
 
 
 def detect_format(path: Path) -> Format:
@@ -328,42 +343,35 @@ class PairSource:
         return pa.schema(fields)
 
     def _parse_jsonl_block(self, data: bytes, first_line: int, schema: pa.Schema) -> PairBlock:
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = first_line + data.count(b"\n", 0, e.start)
-            if not self.skip_bad_rows:
-                col = e.start - data.rfind(b"\n", 0, e.start)
-                raise InputError(f"invalid UTF-8 byte 0x{data[e.start]:02x} "
-                                 f"(byte {col} of the line)",
-                                 file=self.name, line=line) from None
-            return self._parse_jsonl_slow(data, first_line, schema)
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        # Arrow's reader drops blank lines, which would shift line numbers: take the
-        # careful path for blocks that have any.
-        if any(not ln.strip() for ln in lines):
+        """Fast path: Arrow's JSON reader on the whole block; any doubt -> the slow path.
+
+        Arrow rejects invalid UTF-8 and malformed JSON but drops blank lines (which would
+        shift line numbers) and names no line: blocks with a blank line, an Arrow error,
+        a row count that differs from the line count, or a bad value are parsed again
+        line by line, which names the exact line and field.
+        """
+        body = data[:-1] if data.endswith(b"\n") else data
+        n_lines = body.count(b"\n") + 1
+        cut = body.find(b"\n")
+        if not (body if cut < 0 else body[:cut]).strip() or _BLANK_LINE.search(body):
             return self._parse_jsonl_slow(data, first_line, schema)
         try:
             table = pj.read_json(
                 io.BytesIO(data),
-                read_options=pj.ReadOptions(use_threads=True, block_size=1 << 24),
+                read_options=pj.ReadOptions(use_threads=True, block_size=ARROW_BLOCK_BYTES),
                 parse_options=pj.ParseOptions(
                     explicit_schema=schema, unexpected_field_behavior="ignore"),
             )
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             return self._parse_jsonl_slow(data, first_line, schema)
-        if table.num_rows != len(lines):
+        if table.num_rows != n_lines:
             return self._parse_jsonl_slow(data, first_line, schema)
-        line_numbers = pa.array(range(first_line, first_line + len(lines)), pa.int64())
+        line_numbers = pa.array(np.arange(first_line, first_line + n_lines, dtype=np.int64))
         try:
             norm = self._normalize(table, line_numbers)
         except InputError:
-            if not self.skip_bad_rows:
-                raise
             return self._parse_jsonl_slow(data, first_line, schema)
-        return PairBlock(table=norm, raw_lines=lines)
+        return PairBlock(table=norm, raw_data=data)
 
     def _parse_jsonl_slow(self, data: bytes, first_line: int, schema: pa.Schema) -> PairBlock:
         """Line-by-line parse that names the exact line and field of every problem."""
@@ -394,7 +402,7 @@ class PairSource:
                 bad.append(BadRow(line=line, field=e.field, message=e.message))
         table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
         norm = self._normalize(table, pa.array(numbers, pa.int64()))
-        return PairBlock(table=norm, raw_lines=keep, bad=bad)
+        return PairBlock(table=norm, _lines=keep, bad=bad)
 
     def _check_row(self, obj: Any, line: int) -> dict[str, Any]:
         """Validate one decoded row; return it reduced to the known fields."""

@@ -139,6 +139,10 @@ class CleanWriter:
 
     def write(self, block: PairBlock, keep: np.ndarray) -> None:
         if self.fmt == "jsonl":
+            if block.raw_data is not None and keep.all():
+                data = block.raw_data
+                self._fh.write(data if data.endswith(b"\n") else data + b"\n")
+                return
             assert block.raw_lines is not None
             lines = [ln for ln, k in zip(block.raw_lines, keep) if k]
             if lines:
@@ -233,6 +237,7 @@ def validate_file(
     write_clean: str | Path | None = None,
     split: str | None = None,
     progress: Progress | None = None,
+    block_bytes: int | None = None,
 ) -> StageVerdict:
     """Validate a preference-data file and return the stage-2 verdict.
 
@@ -242,7 +247,8 @@ def validate_file(
     scale = parse_scale(score_scale)
     sets = [s if isinstance(s, EvalSet) else load_eval_set(s, eval_field) for s in eval_sets or []]
     index = NgramIndex(sets, decontam or DecontamConfig()) if sets else None
-    source = PairSource(path, split=split, skip_bad_rows=skip_bad_rows)
+    source = PairSource(path, split=split, skip_bad_rows=skip_bad_rows,
+                        **({"block_bytes": block_bytes} if block_bytes else {}))
     writer = CleanWriter(source, Path(write_clean)) if write_clean else None
 
     seen: set[int] = set()
@@ -286,12 +292,24 @@ def validate_file(
             keep = ~(dup | a.identical | a.empty | cont)
             usable += int(keep.sum())
             lengths.update(a.word_diff[keep])
+            for name, col in (("score_chosen", a.score_c), ("score_rejected", a.score_r)):
+                present = ~np.isnan(col)
+                if not present.any():
+                    continue
+                if scale is not None:
+                    out = present & ((col < scale[0]) | (col > scale[1]))
+                    if out.any():
+                        i = int(np.argmax(out))
+                        raise InputError(
+                            f"score {col[i]:g} is outside the declared scale "
+                            f"{scale[0]:g}-{scale[1]:g}", file=str(path), line=int(lines[i]),
+                            field=name)
+                s_lo = min(s_lo, float(col[present].min()))
+                s_hi = max(s_hi, float(col[present].max()))
             has = keep & ~np.isnan(a.score_c) & ~np.isnan(a.score_r)
             if has.any():
                 scored += int(has.sum())
                 scores.update(a.score_c[has] - a.score_r[has])
-                s_lo = min(s_lo, float(a.score_c[has].min()), float(a.score_r[has].min()))
-                s_hi = max(s_hi, float(a.score_c[has].max()), float(a.score_r[has].max()))
             if writer:
                 writer.write(block, keep)
             done += block.bytes_read
@@ -323,15 +341,15 @@ def validate_file(
                 "preference_gap", None,
                 detail=f"unmeasured: scores span [{s_lo:g}, {s_hi:g}], outside every standard "
                        "scale; pass --score-scale LO-HI"))
-        elif s_lo < used[0] or s_hi > used[1]:
-            raise InputError(f"scores span [{s_lo:g}, {s_hi:g}], outside the declared scale "
-                             f"{used[0]:g}-{used[1]:g}", file=str(path), field="score_chosen")
         else:
             gap, ci = preference_gap(scores, used)
-            how = "declared" if scale else "inferred"
+            how = "declared" if scale else f"inferred from scores in [{s_lo:g}, {s_hi:g}]"
+            unscored = usable - scored
             gates.append(thresholds.evaluate(
                 "preference_gap", gap, ci95=ci,
-                detail=f"{scored} scored pairs, scale {used[0]:g}-{used[1]:g} ({how}), "
+                detail=f"{scored} scored pairs"
+                       + (f" ({unscored} usable pairs without scores left out)" if unscored else "")
+                       + f", scale {used[0]:g}-{used[1]:g} ({how}), "
                        f"s = (x - {used[0]:g}) / {used[1] - used[0]:g}"))
 
     rate = decontamination_rate(contaminated, parsed)
