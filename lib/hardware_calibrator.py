@@ -926,7 +926,10 @@ def plan_launch(*, hw: HardwareInfo, calibration: CalibrationResult | None = Non
     if strategy == "no":
         cfg["distributed_type"] = "NO"
     elif strategy == "ddp":
-        cfg["distributed_type"] = "MULTI_GPU" if on_gpu else "MULTI_CPU"
+        # On CPUs too: accelerate's MULTI_CPU type launches through mpirun (one process
+        # without it); the torchrun launcher of MULTI_GPU with use_cpu starts N processes,
+        # and the Trainer (use_cpu) joins them with gloo.
+        cfg["distributed_type"] = "MULTI_GPU"
     elif strategy == "fsdp":
         cfg["distributed_type"] = "FSDP"
         cfg["fsdp_config"] = {

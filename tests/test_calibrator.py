@@ -279,7 +279,8 @@ def test_cli_writes_cpu_accelerate_config(tmp_path: Path) -> None:
     obj = json.loads(r.stdout)
     hw = hc.detect_hardware()
     if not hw.cuda:
-        assert obj["launch"]["config"]["distributed_type"] == "MULTI_CPU"
+        # torchrun launcher + use_cpu (MULTI_CPU would need mpirun, else one process)
+        assert obj["launch"]["config"]["distributed_type"] == "MULTI_GPU"
         cfg = _load_accelerate(path)
         assert cfg.use_cpu and cfg.num_processes == 2
 
