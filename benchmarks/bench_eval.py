@@ -19,6 +19,7 @@ Usage::
     python benchmarks/bench_eval.py                  # all default suites, all items
     python benchmarks/bench_eval.py --limit 20       # a quick look
     python benchmarks/bench_eval.py --json           # one JSON object on stdout
+    python benchmarks/bench_eval.py --save res.json  # also keep the per-item results
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", help="write the BenchmarkResults (per-item scores, responses) here")
     args = ap.parse_args(argv)
 
     from realign.backends.trl import TRLBackend
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     res = evaluate_lm(lm, suites, limit=args.limit)
     t_eval = time.perf_counter() - t1
     model_time = sum(spent.values())
+    if args.save:
+        with open(args.save, "w", encoding="utf-8") as f:
+            f.write(res.model_dump_json())
     outside = t_eval - model_time
     report = {
         "model": args.model,

@@ -110,7 +110,7 @@ class BenchmarkResults(BaseModel):
 
     suites: dict[str, SuiteResult]
     limit: int | None = None
-    batch_size: int
+    batch_size: int = Field(description="lm-eval batch size (0 when automatic)")
     device: str
     seconds: float
     lm_eval_version: str
@@ -311,7 +311,8 @@ def evaluate_lm(lm: Any, suites: Sequence[str], *, limit: int | None = None,
             results[task] = _suite_result(task, samples, out["results"].get(task, {}),
                                           configs.get(task), chat)
     device = str(getattr(lm, "device", "cpu"))
-    return BenchmarkResults(suites=results, limit=limit, batch_size=int(getattr(lm, "batch_size", 0) or 0),
+    bs = getattr(lm, "batch_size", 0)
+    return BenchmarkResults(suites=results, limit=limit, batch_size=bs if isinstance(bs, int) else 0,
                             device=device, seconds=time.perf_counter() - start,
                             lm_eval_version=getattr(lm_eval, "__version__", "unknown"))
 
