@@ -22,9 +22,9 @@ The rule (documented in docs/preference-data-generation.md; defaults in
    window of offsets ``[8k, 8k + 16)`` (``ALIGN_SLACK`` = 8), so insertions or
    deletions of a few words are tolerated but common phrases scattered over a long
    text do not add up. *x* is contaminated by *e* when ``coverage >= min_coverage``
-   (default 0.6) **and** every coverable number of *e* (a word with a digit, or a
-   number word above) is covered: the same problem with other numbers is a different
-   item. A verbatim or embedded copy covers 1.0. Changing a word uncovers that word
+   (default 0.6) **and** every number of *e* (a word with a digit, or a number word
+   above) occurs in that text of *x*: the same problem with other numbers is a
+   different item. A verbatim or embedded copy covers 1.0. Changing a word uncovers that word
    and, when two changes are 2 or 3 words apart, the one or two words between them,
    so two or three changed words in a 15-60 word item almost always keep coverage
    ≥ 0.6 (98% of 3-word edits in the test corpus), while unrelated text on the same
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ NUMBER_WORDS: dict[str, str] = {
     "_ _ _ thirty forty fifty sixty seventy eighty ninety".split()) if i >= 3
 } | {"hundred": "100", "thousand": "1000"}
 
+_HAS_DIGIT = re.compile(r"\d").search
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio)
 _FILTER_BITS = 22  # presence table: 2^22 bytes
 #: Rule 3: shared n-grams count together when their offsets lie in one window of
@@ -255,7 +257,7 @@ class _Table:
 
     def lookup(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(window indices, key rows) of the hashes in ``g`` that are keys."""
-        cand = np.flatnonzero(self.present[g >> np.uint64(64 - _FILTER_BITS)])
+        cand = np.flatnonzero(self.present[(g >> np.uint64(64 - _FILTER_BITS)).view(np.int64)])
         if not len(cand):
             return cand, cand
         gc = g[cand]
@@ -307,7 +309,7 @@ class NgramIndex:
         if has_alt.any():
             alt[has_alt] = word_hashes(
                 pa.array([a for a in alt_text if a], pa.string()), "alnum").hashes
-        anchor = np.array([w in NUMBER_WORDS or any(ch.isdigit() for ch in w)
+        anchor = np.array([w in NUMBER_WORDS or _HAS_DIGIT(w) is not None
                            for w in flat_words], dtype=bool)
         self.item_len = wh.counts.astype(np.int64)
         self.item_start = wh.first
@@ -377,10 +379,13 @@ class NgramIndex:
         self.tables = [t for t in self.tables if len(t.keys)]
         self.coverable = np.bincount(item_of, weights=covered, minlength=self.n_items
                                      ).astype(np.int64)
-        anchor &= covered
-        self.anchor = anchor
         self.n_anchor = np.bincount(item_of, weights=anchor, minlength=self.n_items
                                     ).astype(np.int64)
+        # per item: its numbers, each as (hash as written, hash of the other spelling)
+        pairs_ = np.stack([prim, alt], axis=1)
+        self.anchor_hashes = [pairs_[self.item_start[i]: self.item_start[i] + self.item_len[i]][
+            anchor[self.item_start[i]: self.item_start[i] + self.item_len[i]]].ravel()
+            for i in range(self.n_items)]
         # unchecked: too short, or every n-gram was template text
         self.skipped_items = int((~checkable).sum() + (checkable & (self.coverable == 0)).sum())
         self.n_checked = self.n_items - self.skipped_items
@@ -430,16 +435,17 @@ class NgramIndex:
         w_key, w_id = np.unique(window, return_inverse=True)
         cells = _unique((w_id * maxlen + pos2)[:, None] + np.arange(n)[None, :])
         c_win = cells // maxlen
-        c_item = item_of_pair = pair[w_key[c_win] // n_band] % self.n_items
-        del item_of_pair
-        c_anchor = self.anchor[self.item_start[c_item] + cells % maxlen]
-        wins, start, counts = np.unique(c_win, return_index=True, return_counts=True)
-        anchors = np.add.reduceat(c_anchor.astype(np.int64), start)
-        w_pair = pair[w_key[wins] // n_band]
+        edge = np.flatnonzero(np.concatenate([[True], c_win[1:] != c_win[:-1], [True]]))
+        counts = np.diff(edge)
+        w_pair = pair[w_key[c_win[edge[:-1]]] // n_band]
         w_item = w_pair % self.n_items
         cov = counts / self.coverable[w_item]
-        cov[anchors < self.n_anchor[w_item]] = 0.0
         return w_pair // self.n_items, w_item, cov
+
+    def _numbers_present(self, item: int, words: np.ndarray) -> bool:
+        """Every number of the item occurs among ``words`` (hashes), in digits or in words."""
+        need = self.anchor_hashes[item]
+        return bool(np.isin(need, words).reshape(-1, 2).any(axis=1).all())
 
     def scan(self, texts: pa.Array) -> list[Hit]:
         """For each contaminated document, its best-covered item (see :meth:`scan_fields`)."""
@@ -486,6 +492,14 @@ class NgramIndex:
                     pairs = _unique(d * self.n_items + item)
                     p_doc, p_item = pairs // self.n_items, pairs % self.n_items
                     coverage = np.ones(len(pairs))  # a whole short item matched, in order
+                # numbers: the same problem with other numbers is a different item
+                check = np.flatnonzero((coverage >= self.config.min_coverage - 1e-12)
+                                       & (self.n_anchor[p_item] > 0))
+                for k in check.tolist():
+                    lo = wh.first[p_doc[k]]
+                    if not self._numbers_present(
+                            int(p_item[k]), wh.hashes[lo: lo + wh.counts[p_doc[k]]]):
+                        coverage[k] = 0.0
                 better = coverage > best_cov[p_doc]
                 order = np.argsort(coverage[better], kind="stable")  # last write wins: best
                 bd, bi, bc = p_doc[better][order], p_item[better][order], coverage[better][order]

@@ -6,9 +6,9 @@ length bias, and letter/digit words for decontamination. Doing that with per-row
 or with Arrow's list<string> kernels is the slow part of a 2 GB scan, so it is done here
 with NumPy on the bytes:
 
-1. a 256-entry lookup table maps every byte to itself, to a lower-cased byte, or to 0
-   (a separator);
-2. a 0 is inserted between rows so that no word spans two rows;
+1. a 256-entry table (``bytes.translate``) maps every byte to itself, to a lower-cased
+   byte, or to 0 (a separator);
+2. a separator (0xFF, which UTF-8 never uses) ends every row, so no word spans two rows;
 3. word starts and ends are the edges of the non-zero runs;
 4. a word's hash mixes its first 8 bytes (read as one little-endian integer, bytes past
    the word's end shifted out) and its length with the SplitMix64 finalizer; every
@@ -51,18 +51,31 @@ def _table(kind: str) -> np.ndarray:
             t[upper] = upper + 32
     else:  # pragma: no cover - programming error
         raise ValueError(kind)
+    t[0xFF] = 0
     return t
 
 
 #: Byte tables: ``alnum`` (decontamination words), ``space_lower`` (duplicate keys).
 TABLES = {k: _table(k) for k in ("alnum", "space", "space_lower")}
+_SEP = b"\xff"  # row separator: 0xFF never occurs in UTF-8, and every table maps it to 0
+TABLE_BYTES = {k: t.tobytes() for k, t in TABLES.items()}
 
 
 def mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer (a bijection of uint64), vectorized."""
-    z = (z ^ (z >> _S30)) * _C1
-    z = (z ^ (z >> _S27)) * _C2
-    return z ^ (z >> _S31)
+    """SplitMix64 finalizer (a bijection of uint64), vectorized. Returns a new array."""
+    return _mix_inplace(np.array(z, dtype=np.uint64, copy=True))
+
+
+def _mix_inplace(z: np.ndarray) -> np.ndarray:
+    t = z >> _S30
+    z ^= t
+    z *= _C1
+    np.right_shift(z, _S27, out=t)
+    z ^= t
+    z *= _C2
+    np.right_shift(z, _S31, out=t)
+    z ^= t
+    return z
 
 
 @dataclass
@@ -82,19 +95,21 @@ class WordHashes:
         return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
 
-def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The UTF-8 bytes of ``arr`` (zero copy) and its offsets, rebased to 0."""
+def _separated_bytes(arr: pa.Array) -> tuple[bytes, np.ndarray]:
+    """The rows' UTF-8 bytes, each followed by 0xFF (never a UTF-8 byte), after a leading
+    0xFF and with 9 bytes of 0xFF padding; and where each row starts in them."""
     if arr.null_count:
         arr = arr.fill_null("")
-    if not pa.types.is_string(arr.type):
-        arr = pc.cast(arr, pa.string())
-    bufs = arr.buffers()
-    off = np.frombuffer(bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    b = pc.cast(arr, pa.binary())  # same layout: no copy
+    if len(b):
+        b = pc.binary_join_element_wise(b, pa.scalar(b"", pa.binary()),
+                                        pa.scalar(_SEP, pa.binary()))
+    bufs = b.buffers()
+    off = np.frombuffer(bufs[1], dtype=np.int32, count=len(b) + 1, offset=b.offset * 4)
     off = off.astype(np.int64)
     lo, hi = int(off[0]), int(off[-1])
-    data = (np.frombuffer(bufs[2], dtype=np.uint8, count=hi - lo, offset=lo)
-            if bufs[2] is not None and hi > lo else np.zeros(0, dtype=np.uint8))
-    return data, off - lo
+    body = memoryview(bufs[2])[lo:hi] if bufs[2] is not None else b""
+    return b"".join([_SEP, body, _SEP * 9]), off - lo + 1
 
 
 def prepare(arr: pa.Array, unicode_prepare: Callable[[pa.Array], pa.Array] | None) -> pa.Array:
@@ -115,39 +130,44 @@ def prepare(arr: pa.Array, unicode_prepare: Callable[[pa.Array], pa.Array] | Non
 
 def word_hashes(arr: pa.Array, table: str) -> WordHashes:
     """Split every row of ``arr`` into words with byte table ``table`` and hash them."""
-    data, off = _buffers(arr)
-    n_rows = len(off) - 1
-    lut = TABLES[table]
-    # one separator between rows (np.insert shifts row r by r bytes), 8 bytes of padding
-    c = np.insert(np.take(lut, data), off[1:-1], 0) if n_rows > 1 else np.take(lut, data)
-    c = np.concatenate([c, np.zeros(9, dtype=np.uint8)])
-    row_start = off[:-1] + np.arange(n_rows)
-    w = (c != 0).view(np.int8)
-    edges = np.diff(w, prepend=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
-    counts = np.diff(np.searchsorted(starts, np.append(row_start, len(c)))).astype(np.int64)
+    raw, row_start = _separated_bytes(arr)
+    c = np.frombuffer(raw.translate(TABLE_BYTES[table]), dtype=np.uint8)
+    w = c != 0
+    # c starts and ends with separators, so word edges alternate: start, end, start, ...
+    edges = np.flatnonzero(w[1:] != w[:-1]) + 1
+    starts, ends = edges[0::2], edges[1::2]
+    counts = np.diff(np.searchsorted(starts, row_start)).astype(np.int64)
     if len(starts) == 0:
         return WordHashes(np.zeros(0, dtype=np.uint64), counts)
-    length = (ends - starts).astype(np.uint64)
+    length = ends - starts
     v8 = np.ndarray((len(c) - 8,), dtype="<u8", buffer=c, strides=(1,))
-    h = _chunk(v8[starts], length) ^ (length * _LEN)
-    h = mix64(h)
+    h = _chunk(v8[starts], length)
+    h ^= length.view(np.uint64) * _LEN
+    _mix_inplace(h)
     long_ = np.flatnonzero(length > 8)
     k = 1
     while len(long_):
-        rest = length[long_] - np.uint64(8 * k)
+        rest = length[long_] - 8 * k
         chunk = _chunk(v8[starts[long_] + 8 * k], rest)
-        h[long_] = mix64(h[long_] * _C1 + chunk)
+        hl = h[long_]
+        hl *= _C1
+        hl += chunk
+        h[long_] = _mix_inplace(hl)
         long_ = long_[rest > 8]
         k += 1
     return WordHashes(h, counts)
 
 
 def _chunk(x: np.ndarray, remaining: np.ndarray) -> np.ndarray:
-    """Keep the low ``min(remaining, 8)`` bytes of each little-endian word ``x``."""
-    keep = np.minimum(remaining, np.uint64(8))
-    return x << ((np.uint64(8) - keep) * np.uint64(8))
+    """Keep the low ``min(remaining, 8)`` bytes of each little-endian word ``x`` (in place).
+
+    ``remaining`` is int64 and at least 1, so the shift is 0..56 bits.
+    """
+    sh = np.minimum(remaining, 8)
+    sh *= -8
+    sh += 64
+    np.left_shift(x, sh.view(np.uint64), out=x)
+    return x
 
 
 def row_hashes(words: WordHashes, salt: int) -> np.ndarray:
@@ -160,7 +180,11 @@ def row_hashes(words: WordHashes, salt: int) -> np.ndarray:
     if len(words.hashes) == 0:
         return np.full(n, mix64(np.array([salt], dtype=np.uint64))[0], dtype=np.uint64)
     pos = np.arange(len(words.hashes), dtype=np.int64) - np.repeat(words.first, words.counts)
-    terms = mix64(words.hashes + (pos.astype(np.uint64) + np.uint64(1)) * np.uint64(salt))
+    terms = pos.view(np.uint64)
+    terms += np.uint64(1)
+    terms *= np.uint64(salt)
+    terms += words.hashes
+    _mix_inplace(terms)
     first = words.first
     has = words.counts > 0
     out = np.full(n, mix64(np.array([salt], dtype=np.uint64))[0], dtype=np.uint64)

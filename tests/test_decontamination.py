@@ -210,3 +210,27 @@ def test_eval_bad_input(tmp_path: Path, content: bytes, line: int | None, what: 
     assert ei.value.line == line and what in ei.value.message
     with pytest.raises(InputError, match="not found"):
         load_eval_set(tmp_path / "missing.jsonl")
+
+
+def test_word_hashes_match_a_python_split() -> None:
+    """realign.text_hash splits bytes exactly as str.split/normalize_text would."""
+    from realign.decontamination import text_word_hashes
+    from realign.text_hash import word_hashes
+
+    rng = random.Random(0)
+    alpha = "abcXYZ019 \t\n.,-éß\x00"
+    rows = ["".join(rng.choice(alpha) for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    arr = pa.array(rows + ["", "a" * 30, "A" * 30 + " b", None])
+    for part in (arr, arr.slice(7, 1500), arr.slice(5, 0)):
+        py = part.to_pylist()
+        for got, expected in (
+            (word_hashes(part, "space_lower"),
+             [[w for w in re.split(r"[ \t\n\v\f\r]+", (r or "").lower()) if w] for r in py]),
+            (text_word_hashes(part),
+             [(t or "").split() for t in normalize_text(part).to_pylist()] if len(part) else []),
+        ):
+            assert got.counts.tolist() == [len(e) for e in expected]
+            seen: dict[str, int] = {}
+            for word, h in zip([w for e in expected for w in e], got.hashes.tolist()):
+                assert seen.setdefault(word, h) == h  # same word, same hash
+            assert len(set(seen.values())) == len(seen)  # different words, different hashes
