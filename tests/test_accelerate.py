@@ -90,13 +90,6 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in recs if r.get("event") == "train_log" and "loss" in r]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "stage 5 under 2 ranks: TRL caches the precomputed reference log-probs beside the "
-    "dataset's cache files, and the stage's in-memory dataset keeps them in a per-process "
-    "temp dir, so rank 1 cannot open what rank 0 wrote (FileNotFoundError hf_datasets-*/"
-    "cache-*.arrow). Fix in lib/stages/dpo.py: under world_size() > 1, save the train "
-    "dataset to the stage dir on rank 0, barrier, load_from_disk on every rank. Remove "
-    "this mark once it lands."))
 def test_two_process_dpo_matches_single_process(prepared: Path, tmp_path: Path) -> None:
     if not shutil.which("accelerate"):
         pytest.skip("the accelerate command is not installed")

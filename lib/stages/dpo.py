@@ -47,7 +47,7 @@ from typing import Any
 
 from ..gates import GateResult, StageVerdict, make_verdict
 from ..models import resolve_model
-from ..pipeline import RunContext, file_digest, is_main_process, world_size, metrics_log, write_json_atomic
+from ..pipeline import RunContext, _barrier, file_digest, is_main_process, world_size, metrics_log, write_json_atomic
 from .common import read_jsonl
 from .reference_init import make_policy
 
@@ -322,6 +322,16 @@ def run(ctx: RunContext) -> StageVerdict:
         needed = d.max_steps * d.batch_size * d.gradient_accumulation_steps * world \
             if d.max_steps > 0 else None
         dataset = _train_dataset(train_rows, needed, cfg.seed)
+        if world_size() > 1:
+            # TRL keeps precomputed reference log-probs beside the dataset's cache files;
+            # an in-memory dataset has them in a per-process temp folder, which the other
+            # ranks cannot read. A dataset on disk is shared by all ranks.
+            from datasets import load_from_disk
+
+            if is_main_process():
+                dataset.save_to_disk(str(out / "train_dataset"))
+            _barrier()
+            dataset = load_from_disk(str(out / "train_dataset"))
         args = dpo_config(out / "checkpoints", beta=d.beta, loss_type=d.loss_type,
                           learning_rate=d.learning_rate, batch_size=d.batch_size,
                           gradient_accumulation_steps=d.gradient_accumulation_steps,
