@@ -255,14 +255,20 @@ class _Table:
     item: np.ndarray
     pos: np.ndarray
 
+    slot_row: np.ndarray  # int32[2^_FILTER_BITS]: the key row with that prefix, -2: several
+
     def lookup(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(window indices, key rows) of the hashes in ``g`` that are keys."""
-        cand = np.flatnonzero(self.present[(g >> np.uint64(64 - _FILTER_BITS)).view(np.int64)])
+        slot = (g >> np.uint64(64 - _FILTER_BITS)).view(np.int64)
+        cand = np.flatnonzero(self.present[slot])
         if not len(cand):
             return cand, cand
         gc = g[cand]
-        row = np.searchsorted(self.keys, gc)
-        row[row == len(self.keys)] = 0
+        row = self.slot_row[slot[cand]].astype(np.int64)
+        several = np.flatnonzero(row == -2)
+        if len(several):  # prefixes shared by several keys: binary search
+            r = np.searchsorted(self.keys, gc[several])
+            row[several] = np.minimum(r, len(self.keys) - 1)
         ok = self.keys[row] == gc
         return cand[ok], row[ok]
 
@@ -272,10 +278,15 @@ def _make_table(n: int, gram: np.ndarray, item: np.ndarray, pos: np.ndarray) -> 
     gram, item, pos = gram[order], item[order], pos[order]
     keys, first = np.unique(gram, return_index=True)
     ptr = np.append(first, len(gram)).astype(np.int64)
+    prefix = (keys >> np.uint64(64 - _FILTER_BITS)).view(np.int64)
     present = np.zeros(1 << _FILTER_BITS, dtype=np.uint8)
-    present[keys >> np.uint64(64 - _FILTER_BITS)] = 1
+    present[prefix] = 1
+    slot_row = np.full(1 << _FILTER_BITS, -1, dtype=np.int32)
+    slot_row[prefix] = np.arange(len(keys), dtype=np.int32)
+    shared = prefix[1:][prefix[1:] == prefix[:-1]]  # keys are sorted, so are prefixes
+    slot_row[shared] = -2
     return _Table(n=n, keys=keys, present=present, ptr=ptr, item=item.astype(np.int64),
-                  pos=pos.astype(np.int64))
+                  pos=pos.astype(np.int64), slot_row=slot_row)
 
 
 @dataclass
@@ -396,7 +407,8 @@ class NgramIndex:
         """Mask of the postings whose (document, item) pair can reach ``min_coverage``.
 
         k shared postings cover at most n·k words of the item, so a pair needs
-        k >= min_coverage · coverable / n; most chance matches have fewer.
+        k >= min_coverage · coverable / n; most chance matches have fewer. (The keys come
+        in runs sorted by document, which a stable sort exploits.)
         """
         need = self._need(n)
         key = doc * self.n_items + item
