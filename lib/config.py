@@ -23,6 +23,7 @@ STAGES: dict[str, int] = {
     "reference_init": 3,
     "reward_model": 4,
     "dpo": 5,
+    "evaluation": 7,
 }
 
 BreachPolicy = Literal["stop", "halve_lr", "rollback"]
@@ -104,6 +105,21 @@ class KLMonitorConfig(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
+class EvaluationConfig(_Strict):
+    """Stage 7: retention on the stage-1 benchmarks, win rate, rollback (docs/evaluation-monitoring.md)."""
+
+    win_rate_prompts: int = Field(64, ge=1, description="held-out prompts judged for win_rate")
+    max_new_tokens: int = Field(64, ge=1, description="greedy response length cap (tokens)")
+    batch_size: int = Field(8, ge=1, description="generation and reward-model batch size")
+    judge: Literal["auto", "verifier", "reward_model"] = Field(
+        "auto", description="auto: the verifier for rows with a reference answer, else the "
+                            "stage-4 reward model")
+    n_boot: int = Field(2000, ge=1, description="bootstrap resamples for the retention CIs")
+    rollback_on_regression: bool = Field(
+        False, description="when stage 7 fails, restore the best earlier model that passes "
+                           "(same as `realign rollback RUN`)")
+
+
 class RunConfig(_Strict):
     """A whole run. ``data`` is the only required field."""
 
@@ -129,6 +145,7 @@ class RunConfig(_Strict):
     reward: RewardModelConfig = Field(default_factory=RewardModelConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
     kl_monitor: KLMonitorConfig = Field(default_factory=KLMonitorConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @field_validator("thresholds")
     @classmethod

@@ -339,6 +339,7 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                     state = "failed"
                     _write_status(run_dir, state=state, current_stage=name,
                                   message=f"stopped at {name}: gate(s) {', '.join(blocking)} failed")
+                    _write_report(run_dir)  # report hook (lib/report.py)
                     return run_status(run_dir)
                 if verdict.status == "incomplete":
                     state = "incomplete"
@@ -351,7 +352,23 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
         _write_status(run_dir, state=state, current_stage=None,
                       message="all stages complete" if state == "passed" else
                       "complete, but some gates are unmeasured")
+        _write_report(run_dir)  # report hook (lib/report.py)
     return run_status(run_dir)
+
+
+def _write_report(run_dir: Path) -> None:
+    """Report hook: write report.html / report.md (rank 0). A report error is a warning,
+    never a failed run: the verdicts on disk are the record."""
+    if not is_main_process():
+        return
+    try:
+        from .report import write_report
+
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"run report not written: {type(e).__name__}: {e}", stacklevel=2)
 
 
 def run_pipeline(config: RunConfig, *, progress: ProgressFn | None = None) -> RunStatus:

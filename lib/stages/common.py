@@ -75,7 +75,7 @@ def to_trl_row(row: dict[str, Any]) -> dict[str, Any]:
         "chosen": _as_messages(chosen, "assistant"),
         "rejected": _as_messages(rejected, "assistant"),
     }
-    for key in ("score_chosen", "score_rejected"):
+    for key in ("score_chosen", "score_rejected", "reference"):  # reference: stage-7 verifier
         if key in row:
             out[key] = row[key]
     return out

@@ -1,0 +1,228 @@
+"""Rollback after a stage-7 regression: restore the best earlier model that passes.
+
+``realign rollback RUN`` (and stage 7 itself when ``evaluation.rollback_on_regression``
+is true) runs :func:`rollback`:
+
+1. **Candidates** (:func:`rollback_candidates`), in this order:
+
+   * the stage-5 training checkpoints still on disk (``stages/5-dpo/checkpoints/
+     checkpoint-N``; the trainer keeps the last two) whose step N had a KL check that
+     passed the ``kl_divergence`` gate, best held-out margin first, leaving out the step
+     stage 5 selected (that is the model stage 7 rejected);
+   * the stage-1 baseline model, the fallback: it is the model the regression is
+     measured against, so its retention is 1 by definition and ``win_rate`` (against
+     itself) does not apply.
+
+2. Each checkpoint candidate is **re-evaluated** with stage 7's gates
+   (:func:`realign.stages.evaluation.assess`: benchmarks and retention against the
+   stage-1 baseline, win rate against the baseline's responses). The first that passes
+   every gate is restored. When none does, the baseline is restored; its benchmarks are
+   re-run too, so the record shows its measured retention.
+
+3. **Restoring** points ``deployed_model.json`` in the run directory at the model's
+   folder (the previous pointer is kept as ``deployed_model.<n>.json``). ``rollback.json``
+   records the trigger, the regression's reasons, every candidate with its gates and
+   what was restored (an earlier ``rollback.json`` is kept as ``rollback.<n>.json``).
+   Candidate results go to ``rollback/<candidate>/``. Nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .config import STAGES
+from .errors import InputError
+from .gates import GateResult, StageVerdict, Thresholds
+from .pipeline import RunContext, RunLock, load_run_config, write_json_atomic
+
+ProgressFn = Callable[[float, float | None, str], None]
+
+
+class Candidate(BaseModel):
+    """A model rollback may restore."""
+
+    name: str
+    path: str
+    source: Literal["dpo_checkpoint", "baseline"]
+    step: int | None = None
+    kl: float | None = None
+    heldout_margin: float | None = None
+
+
+class CandidateResult(BaseModel):
+    """A candidate's re-evaluation."""
+
+    candidate: Candidate
+    gates: list[GateResult]
+    passed: bool
+    note: str = ""
+    benchmarks: str | None = None
+    winrate: str | None = None
+
+
+class RollbackResult(BaseModel):
+    """What ``rollback.json`` records."""
+
+    run_id: str
+    trigger: Literal["cli", "pipeline"]
+    time: str
+    regression: list[str] = Field(description="stage 7's reasons for rejecting the policy")
+    rejected_model: str | None
+    evaluated: list[CandidateResult]
+    restored: Candidate | None
+    deployed_model: dict[str, Any] | None
+    summary: str
+
+
+def _stage_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "stages" / f"{STAGES[name]}-{name}"
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def rollback_candidates(run_dir: str | Path) -> list[Candidate]:
+    """Stage-5 KL-passing checkpoints on disk (best held-out margin first, the selected
+    step left out), then the stage-1 baseline."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    ctx = RunContext(config=config, run_dir=run_dir, thresholds=Thresholds())
+    out: list[Candidate] = []
+    dpo = ctx.verdict("dpo")
+    if dpo is not None:
+        checks = dpo.findings.get("checks") or []
+        selected = dpo.findings.get("selected_step")
+        passed = {int(c["step"]): c for c in checks if c.get("passed")}
+        root = _stage_dir(run_dir, "dpo") / "checkpoints"
+        found = []
+        for d in root.glob("checkpoint-*") if root.is_dir() else []:
+            try:
+                step = int(d.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if step in passed and step != selected and _has_weights(d):
+                c = passed[step]
+                found.append(Candidate(name=f"dpo-step-{step}", path=str(d), source="dpo_checkpoint",
+                                       step=step, kl=c.get("kl"), heldout_margin=c.get("heldout_margin")))
+        found.sort(key=lambda c: -(c.heldout_margin if c.heldout_margin is not None else float("-inf")))
+        out.extend(found)
+    from .stages.evaluation import baseline_model
+
+    out.append(Candidate(name="baseline", path=baseline_model(ctx), source="baseline"))
+    return out
+
+
+def _keep_old(path: Path) -> None:
+    """Rename an existing record to ``<stem>.<n><suffix>`` (nothing is overwritten)."""
+    if not path.exists():
+        return
+    k = 1
+    while path.with_name(f"{path.stem}.{k}{path.suffix}").exists():
+        k += 1
+    path.rename(path.with_name(f"{path.stem}.{k}{path.suffix}"))
+
+
+def _fresh_dir(root: Path, name: str) -> Path:
+    d, k = root / name, 2
+    while d.exists():
+        d, k = root / f"{name}-{k}", k + 1
+    return d
+
+
+def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
+             trigger: Literal["cli", "pipeline"] = "cli", lock: bool = True, force: bool = False,
+             progress: ProgressFn | None = None) -> RollbackResult:
+    """Restore the best earlier model that passes every stage-7 gate (see the module doc).
+
+    ``verdict``: stage 7's verdict (read from disk when None). It must not be ``pass``
+    unless ``force``. ``lock``: take the run lock (False when called inside a running
+    pipeline, which holds it).
+    """
+    from contextlib import nullcontext
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    thresholds = Thresholds(preset=config.preset, overrides=config.thresholds)
+    ctx = RunContext(config=config, run_dir=run_dir, thresholds=thresholds,
+                     progress=progress or (lambda d, t, m: None))
+    if verdict is None:
+        verdict = ctx.verdict("evaluation")
+    if verdict is None:
+        raise InputError("stage 7 (evaluation) has not run in this run directory; run "
+                         "`realign stage evaluation --run RUN` first", file=run_dir)
+    if verdict.status == "pass" and not force:
+        raise InputError("stage 7 passed (decision: deploy); nothing to roll back "
+                         "(--force rolls back anyway)", file=run_dir)
+
+    from .stages.evaluation import assess, write_deployed
+
+    with RunLock(run_dir, "rollback") if lock else nullcontext():
+        evaluated: list[CandidateResult] = []
+        restored: Candidate | None = None
+        cands = rollback_candidates(run_dir)
+        for i, cand in enumerate(cands):
+            out = _fresh_dir(run_dir / "rollback", cand.name)
+            ctx.progress(i, len(cands), f"re-evaluating {cand.name}")
+            if cand.source == "baseline":
+                a = assess(ctx, cand.path, out, win_rate=False)
+                note = ("fallback: the stage-1 baseline (the model before DPO) is restored when "
+                        "no checkpoint passes; win_rate does not apply to it")
+                evaluated.append(CandidateResult(candidate=cand, gates=a.gates,
+                                                 passed=a.retention_passed, note=note,
+                                                 benchmarks=a.benchmarks_path))
+                restored = cand
+                break
+            try:
+                a = assess(ctx, cand.path, out)
+            except InputError as e:  # an unloadable checkpoint is recorded and skipped
+                evaluated.append(CandidateResult(candidate=cand, gates=[], passed=False,
+                                                 note=f"could not be evaluated: {e}"))
+                continue
+            evaluated.append(CandidateResult(candidate=cand, gates=a.gates, passed=a.passed,
+                                             note="passes every gate" if a.passed else
+                                             "fails: " + ", ".join(g.name for g in a.gates
+                                                                    if g.status != "pass"),
+                                             benchmarks=a.benchmarks_path, winrate=a.winrate_path))
+            if a.passed:
+                restored = cand
+                break
+        deployed = None
+        if restored is not None:
+            gates = evaluated[-1].gates
+            deployed = write_deployed(run_dir, restored.path, source=restored.name,
+                                      decided_by=f"rollback ({trigger})", gates=gates)
+        rejected = verdict.findings.get("evaluated_model")
+        if restored is None:
+            summary = "rollback: no candidate could be restored"
+        elif restored.source == "baseline":
+            summary = (f"rollback: no stage-5 checkpoint passed every gate "
+                       f"({len(evaluated) - 1} re-evaluated); restored the stage-1 baseline "
+                       f"{restored.path}")
+        else:
+            summary = (f"rollback: restored {restored.name} ({restored.path}), which passes every "
+                       "stage-7 gate")
+        result = RollbackResult(
+            run_id=run_dir.name, trigger=trigger,
+            time=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+            regression=list(verdict.findings.get("reasons") or []),
+            rejected_model=str(rejected) if rejected else None,
+            evaluated=evaluated, restored=restored, deployed_model=deployed, summary=summary)
+        _keep_old(run_dir / "rollback.json")
+        write_json_atomic(run_dir / "rollback.json", result)
+    return result
+
+
+def deployed_model(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``deployed_model.json`` (None when nothing was deployed or restored)."""
+    p = Path(run_dir) / "deployed_model.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
