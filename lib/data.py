@@ -282,7 +282,11 @@ class PairSource:
                 else:
                     ds = datasets.load_from_disk(str(self.path))
             except Exception as e:  # noqa: BLE001
-                raise InputError(f"cannot load dataset: {e}", file=self.name) from None
+                why = " ".join(str(e).split())
+                if self.format == "hub":
+                    raise InputError("not a local file or folder, and loading it from the "
+                                     f"Hugging Face hub failed: {why}", file=self.name) from None
+                raise InputError(f"cannot load dataset: {why}", file=self.name) from None
             if isinstance(ds, datasets.DatasetDict):
                 splits = list(ds)
                 split = self.split or ("train" if "train" in ds else None)

@@ -467,7 +467,7 @@ class NgramIndex:
         """Scan documents made of several text fields (equal lengths; row i is document i).
 
         Returns, for each contaminated document, the item with the highest coverage among
-        those that pass the rule.
+        those that pass the rule (ties: the earliest item, so the first evaluation set).
         """
         if not fields or len(fields[0]) == 0 or not self.tables:
             return []
@@ -512,8 +512,12 @@ class NgramIndex:
                     if not self._numbers_present(
                             int(p_item[k]), wh.hashes[lo: lo + wh.counts[p_doc[k]]]):
                         coverage[k] = 0.0
-                better = coverage > best_cov[p_doc]
-                order = np.argsort(coverage[better], kind="stable")  # last write wins: best
+                # best item per document: highest coverage; ties go to the earliest item
+                # (the first evaluation set given). Last write wins in the assignment.
+                better = (coverage > best_cov[p_doc]) | (
+                    (coverage == best_cov[p_doc]) & (coverage > 0)
+                    & ((best_item[p_doc] < 0) | (p_item < best_item[p_doc])))
+                order = np.lexsort((-p_item[better], coverage[better]))
                 bd, bi, bc = p_doc[better][order], p_item[better][order], coverage[better][order]
                 best_cov[bd] = bc
                 best_item[bd] = bi

@@ -5,15 +5,26 @@ What makes a pair unusable (METRICS.md "usable pairs"), each listed by line numb
 * ``malformed``: rows that could not be parsed (only with ``skip_bad_rows``; by
   default the first one stops the run with exit code 2);
 * ``duplicates``: a row whose (prompt, chosen, rejected), compared after lower-casing
-  and collapsing whitespace, repeats an earlier row (the first occurrence is kept);
-* ``identical``: chosen equals rejected after collapsing whitespace;
+  and collapsing whitespace, repeats an earlier row (the first occurrence is kept).
+  Rows are compared by a 128-bit hash of their three lower-cased word sequences
+  (:mod:`realign.text_hash`), so memory stays small on millions of rows;
+* ``identical``: chosen equals rejected after collapsing whitespace (case counts);
 * ``empty``: chosen or rejected is empty or whitespace only;
 * ``contaminated``: the pair contains an evaluation item (see
   :mod:`realign.decontamination`).
 
+Whitespace is ASCII whitespace (space, tab, newline, CR, vertical tab, form feed);
+a word, for length bias, is a run of non-whitespace characters.
+
+Bad rows: by default the first malformed row stops the run (exit code 2, nothing
+written); ``skip_bad_rows=True`` (CLI ``--skip-bad-rows``) skips them, counts them
+(``findings.counts.malformed``) and lists each under ``findings.malformed`` with its line,
+field and error.
+
 Gates: ``min_pairs`` (usable count), ``preference_gap`` (explicit scores only, else
-``unmeasured``), ``decontamination`` (over all parsed pairs; ``unmeasured`` without
-evaluation sets), ``length_bias`` (over usable pairs). Work runs on two threads: Arrow
+``unmeasured``; pairs with a null score are left out of it), ``decontamination`` (over
+all parsed pairs; ``unmeasured`` without evaluation sets), ``length_bias`` (over usable
+pairs). Work runs on two threads: Arrow
 and NumPy release the GIL, so parsing and scanning of consecutive blocks overlap.
 """
 

@@ -365,6 +365,21 @@ def test_cli_missing_files_and_bad_options(tmp_path: Path, evalset: Path) -> Non
     assert r.exit_code == 2 and ":1: field 'score_chosen': score 8" in r.stderr
 
 
+def test_cli_eval_field_and_eval_formats(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.jsonl", make_rows())
+    body = write(tmp_path / "b.parquet", [{"prompt": "x", "body": t} for t in ITEMS])
+    r = cli(str(path), "--json", "--eval", str(body), "--eval-field", "body")
+    assert json.loads(r.stdout)["findings"]["contaminated"] == CONTAMINATED
+    txt = tmp_path / "e.txt"
+    txt.write_text("\n".join(ITEMS[:3]) + "\n")
+    r = cli(str(path), "--json", "--eval", str(txt), "--eval", str(body), "--eval-field", "body")
+    by_set = json.loads(r.stdout)["findings"]["contamination"]["by_eval_set"]
+    # a pair counts for the set of its best-covered item; ties go to the first set given
+    assert by_set == {str(txt): 3, str(body): 3}
+    r = cli(str(path), "--eval", str(body), "--eval-field", "nope")
+    assert r.exit_code == 2 and ":1: field 'nope'" in r.stderr
+
+
 def test_cli_dataset_dict_split(tmp_path: Path, evalset: Path) -> None:
     datasets = pytest.importorskip("datasets")
     rows = make_rows()
