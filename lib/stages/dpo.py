@@ -49,7 +49,7 @@ from ..gates import GateResult, StageVerdict, make_verdict
 from ..models import resolve_model
 from ..pipeline import RunContext, _barrier, file_digest, is_main_process, world_size, metrics_log, write_json_atomic
 from .common import read_jsonl
-from .reference_init import make_policy
+from .reference_init import LENGTH_PROBE_PROMPTS, LENGTH_PROBE_TOKENS, make_policy
 
 NAME = "dpo"
 
@@ -57,11 +57,6 @@ NAME = "dpo"
 DISPLACEMENT_MIN_DROP = 1.0  # nats: chosen log-prob must fall at least this much
 SATURATION_LOSS = 0.05  # training loss below this with held-out accuracy 1.0
 LENGTH_GROWTH = 1.2  # policy answers this many times longer than the reference's
-LENGTH_PROBE_PROMPTS = 4
-LENGTH_PROBE_TOKENS = 48
-#: Cache the reference's full next-token distributions on the probe when they fit in this
-#: many bytes (tokens × vocabulary × 4); otherwise the reference runs at every check.
-REF_DIST_MAX_BYTES = 512 << 20
 
 
 def _slope(ys: list[float]) -> float:
@@ -103,28 +98,36 @@ class KLMonitor:
 
     def __init__(self, *, backend: Any, ref: Any, probe: list[dict[str, Any]], beta: float,
                  threshold: float, every: int, on_breach: str, max_breaches: int,
-                 batch_size: int, max_length: int, log: Any, progress: Any) -> None:
-        from ..backends.trl import encode_pair
+                 batch_size: int, max_length: int, log: Any, progress: Any,
+                 reference_probe: dict[str, Any] | None = None,
+                 initial_kl: float | None = None) -> None:
+        from ..backends.trl import ReferenceDistributions, encode_pair
 
         self.backend, self.ref = backend, ref
         self.beta, self.threshold, self.every = beta, threshold, every
         self.on_breach, self.max_breaches = on_breach, max_breaches
         self.batch_size, self.max_length = batch_size, max_length
         self.log, self.progress = log, progress
+        self.initial_kl = initial_kl
         tok = ref.tokenizer
         self.chosen_enc = [encode_pair(tok, r["prompt"], r["chosen"], max_length) for r in probe]
         self.rejected_enc = [encode_pair(tok, r["prompt"], r["rejected"], max_length) for r in probe]
-        self.ref_c = backend.completion_logprobs(ref, [], [], encoded=self.chosen_enc,
-                                                 batch_size=batch_size).sums
-        self.ref_r = backend.completion_logprobs(ref, [], [], encoded=self.rejected_enc,
-                                                 batch_size=batch_size).sums
-        vocab = int(getattr(ref.model.config, "vocab_size", 0) or 0)
-        tokens = sum(e.n_completion for e in self.chosen_enc)
-        self.ref_for_kl: Any = ref.model
-        if 0 < tokens * vocab * 4 <= REF_DIST_MAX_BYTES:
-            from ..backends.trl import reference_distributions
+        rp = reference_probe
+        if rp is None or rp.get("max_length") != max_length:  # stage 3 did not precompute
+            import tempfile
 
-            self.ref_for_kl = reference_distributions(ref, self.chosen_enc, batch_size=batch_size)
+            from .reference_init import save_reference_probe
+
+            with tempfile.TemporaryDirectory() as d:
+                save_reference_probe(backend, ref, probe, Path(d) / "p.pt", max_length=max_length,
+                                     batch_size=batch_size)
+                import torch
+
+                rp = torch.load(Path(d) / "p.pt", weights_only=False)
+        self.ref_c, self.ref_r = rp["ref_chosen"], rp["ref_rejected"]
+        self.ref_answers: list[str] = rp["answers"]
+        self.ref_for_kl: Any = (ReferenceDistributions(logps=rp["distributions"])
+                                if rp.get("distributions") is not None else ref.model)
         self.checks: list[dict[str, Any]] = []
         self.trl_logs: list[dict[str, float]] = []
         self.breaches = 0
@@ -159,6 +162,20 @@ class KLMonitor:
             "heldout_chosen_logp": sum(pol_c) / n,
             "passed": kl.mean <= self.threshold,
         }
+
+    def start_at_reference(self, model: Any) -> None:
+        """Step 0: the policy is the reference (stage 3 measured its KL on this probe with
+        the same function); its held-out margin is 0 by definition, no forward pass needed."""
+        n = len(self.ref_c)
+        rec = {"step": 0, "kl": float(self.initial_kl), "kl_sequence_mean": None,
+               "heldout_margin": 0.0, "heldout_margin_ci95": [0.0, 0.0],
+               "heldout_accuracy": 0.0, "heldout_chosen_logp": sum(self.ref_c) / n,
+               "passed": float(self.initial_kl) <= self.threshold, "source": "stage 3"}
+        weights = self.snapshot(model)
+        self.last_good = weights
+        self.best = (0.0, 0, weights)
+        self.checks.append(rec)
+        self.log({"event": "kl_check", **rec})
 
     @staticmethod
     def snapshot(model: Any) -> dict[str, Any]:
@@ -228,7 +245,10 @@ class KLMonitor:
             def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                                **kw: Any) -> None:
                 if not monitor.checks:
-                    monitor.check(model, state.global_step)
+                    if state.global_step == 0 and monitor.initial_kl is not None:
+                        monitor.start_at_reference(model)
+                    else:  # resumed from a checkpoint: measure where training stands
+                        monitor.check(model, state.global_step)
 
             def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
                             optimizer: Any = None, lr_scheduler: Any = None, **kw: Any) -> None:
@@ -310,13 +330,17 @@ def run(ctx: RunContext) -> StageVerdict:
     warnings: list[str] = []
 
     with metrics_log(out / "metrics.jsonl") as log:
+        rp_path = ctx.artifact("reference_init", "reference_probe")
+        reference_probe = (torch.load(rp_path, weights_only=False)
+                           if rp_path and Path(rp_path).exists() else None)
         monitor = KLMonitor(backend=backend, ref=ref, probe=probe, beta=d.beta, threshold=threshold,
                             every=cfg.kl_monitor.every, on_breach=cfg.kl_monitor.on_breach,
                             max_breaches=cfg.kl_monitor.max_breaches,
                             batch_size=cfg.kl_monitor.batch_size, max_length=d.max_length,
-                            log=log, progress=ctx.progress)
+                            log=log, progress=ctx.progress, reference_probe=reference_probe,
+                            initial_kl=ctx.artifact("reference_init", "initial_kl"))
         length_prompts = [r["prompt"] for r in probe[:LENGTH_PROBE_PROMPTS]]
-        ref_answers = backend.generate(ref, length_prompts, max_new_tokens=LENGTH_PROBE_TOKENS)
+        ref_answers = monitor.ref_answers
 
         world = world_size()
         needed = d.max_steps * d.batch_size * d.gradient_accumulation_steps * world \
@@ -401,8 +425,9 @@ def run(ctx: RunContext) -> StageVerdict:
     gates: list[GateResult] = [
         ctx.thresholds.evaluate(
             "kl_divergence", final["kl"],
-            detail=f"step {final['step']}: mean per-token KL on {n_probe} probe responses "
-                   f"(sequence sum mean {final['kl_sequence_mean']:.4f} nats)"),
+            detail=f"step {final['step']}: mean per-token KL on {n_probe} probe responses"
+                   + (f" (sequence sum mean {final['kl_sequence_mean']:.4f} nats)"
+                      if final.get("kl_sequence_mean") is not None else " (the reference, from stage 3)")),
         ctx.thresholds.evaluate(
             "reward_margin", final["heldout_margin"], ci95=tuple(final["heldout_margin_ci95"]),
             detail=f"step {final['step']}: mean held-out DPO implicit reward margin (beta "
