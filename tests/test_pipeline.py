@@ -26,6 +26,7 @@ def _config(tmp: Path, model: Path, **dpo) -> RunConfig:
     return RunConfig(
         model=str(model), data=str(data), eval_sets=[str(ROOT / "examples" / "eval.jsonl")],
         output_dir=str(tmp / "runs"),
+        stages=["sft_baseline", "preference_data", "reference_init", "dpo"],  # stage 4: test_reward.py
         thresholds={"min_pairs": 100, "baseline_perplexity": 1e9},
         sft={"eval_responses": 16},
         dpo={"max_steps": 8, "batch_size": 2, "learning_rate": 1e-3, "max_length": 48,
