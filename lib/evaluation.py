@@ -66,7 +66,7 @@ _SUITES: dict[str, SuiteInfo] = {
                   data_file="arith.jsonl"),
         SuiteInfo(name="realign_format",
                   description="format instructions checked by code (all caps, lowercase, one "
-                              "word, JSON key, first word, yes/no, number only, 3 bullets)",
+                              "word, JSON key, first word, yes/no, number only, 3 lines)",
                   metric="follows,none", chance=0.0, chat_template=True,
                   data_file="format.jsonl"),
     ]
@@ -353,3 +353,40 @@ def retention_by_suite(before: BenchmarkResults, after: BenchmarkResults, *, n_b
             continue
         out[name] = capability_retention(b.by_id(), a.by_id(), n_boot=n_boot, seed=seed)
     return out
+
+
+def evaluate_path(model: Any = "default", suites: Sequence[str] = DEFAULT_SUITES, *,
+                  limit: int | None = None, batch_size: int = 16, device: str | None = None,
+                  apply_chat_template: bool | None = None,
+                  include_path: Sequence[str | Path] = (), seed: int = 0,
+                  progress: Any = None) -> BenchmarkResults:
+    """Load ``model`` (a folder, ``"default"`` or a hub id) and evaluate it suite by suite.
+
+    The same numbers as :func:`evaluate_model` on the loaded model (each suite is its own
+    ``simple_evaluate`` call with the same seeds), with ``progress(done, total, message)``
+    after the load and after each suite; ``seconds`` is the sum over suites.
+    """
+    from .backends.trl import TRLBackend
+
+    names = list(dict.fromkeys(suites))
+    if not names:
+        raise InputError("no suite given", field="suite")
+    _task_manager(names, include_path)  # unknown names fail before the model loads
+    say = progress or (lambda d, t, m: None)
+    total = len(names) + 1
+    say(0, total, f"loading {model}")
+    handle = TRLBackend().load(model, device=device)
+    lm = make_lm(handle.model, handle.tokenizer, batch_size=batch_size)
+    merged: BenchmarkResults | None = None
+    for k, name in enumerate(names, start=1):
+        say(k, total, f"running {name} ({k}/{len(names)})")
+        res = evaluate_lm(lm, [name], limit=limit, apply_chat_template=apply_chat_template,
+                          include_path=include_path, seed=seed)
+        if merged is None:
+            merged = res
+        else:
+            merged.suites.update(res.suites)
+            merged.seconds += res.seconds
+    say(total, total, "done")
+    assert merged is not None
+    return merged
