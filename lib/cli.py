@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> Any:
 def _register_commands() -> None:
     import importlib
 
-    for mod in ("cli_pipeline", "cli_eval", "cli_ifd", "cli_calibrate", "cli_report"):
+    for mod in ("cli_pipeline", "cli_eval", "cli_ifd", "cli_calibrate", "cli_report", "cli_tools"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
         except ModuleNotFoundError as e:

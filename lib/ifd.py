@@ -347,3 +347,56 @@ def write_subset(out: str | Path, fmt: str, raw: list[Any], keep: Sequence[int])
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+# ---------------------------------------------------------------------------- a whole file
+
+
+class IFDExample(BaseModel):
+    """One example's IFD = ppl_conditional ÷ ppl_unconditional (None: empty answer)."""
+
+    line: int
+    ifd: float | None
+    ppl_conditional: float | None
+    ppl_unconditional: float | None
+    tokens: int
+
+
+class IFDFileResult(BaseModel):
+    """IFD of every example of a data file and the distribution (:func:`ifd_of_file`)."""
+
+    data: str
+    model: str
+    report: IFDReport
+    examples: list[IFDExample]
+
+
+def ifd_of_file(path: str | Path, model: Any = "default", *, limit: int | None = None,
+                batch_size: int = 16, max_length: int = 512, device: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> IFDFileResult:
+    """IFD(Q, A) = PPL(A | Q) ÷ PPL(A) of the first ``limit`` (default: all) examples of a file.
+
+    Rows are read by :func:`read_examples` (SFT or preference shapes; line numbers as
+    there), scored by :func:`ifd_scores` with the model loaded by the TRL backend (a
+    folder, ``"default"`` or a hub id; or a loaded ``ModelHandle``) and summarized by
+    :func:`ifd_report`. ``progress(done, total)`` counts scored examples.
+    """
+    from .backends.trl import ModelHandle, TRLBackend
+    from .backends.trl_train import quiet_hf
+
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be ≥ 1, got {limit}", field="limit")
+    examples = read_examples(path)[0][:limit]
+    if not examples:
+        raise InputError("no examples", file=path)
+    quiet_hf()
+    backend = TRLBackend()
+    handle = model if isinstance(model, ModelHandle) else backend.load(model, device=device)
+    res = ifd_scores(handle, [e.prompt for e in examples], [e.answer for e in examples],
+                     batch_size=batch_size, max_length=max_length, backend=backend,
+                     progress=progress)
+    return IFDFileResult(
+        data=str(path), model=str(handle.source), report=ifd_report(res.ifd),
+        examples=[IFDExample(line=e.line, ifd=s, ppl_conditional=pc, ppl_unconditional=pu, tokens=t)
+                  for e, s, pc, pu, t in zip(examples, res.ifd, res.ppl_conditional,
+                                             res.ppl_unconditional, res.tokens)])

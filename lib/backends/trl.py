@@ -514,3 +514,71 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
         raise ValueError("the probe set has no completion tokens: KL is undefined")
     return KLResult(mean=sum(sums) / total, per_sequence=sums, counts=counts,
                     policy_token_logps=token_logps)
+
+
+# ---------------------------------------------------------------------------- KL of two saved models
+# (``realign kl`` and the MCP tool ``compute_kl`` call this; the pipeline measures KL in
+# stages 3 and 5 with kl_on_probe directly.)
+
+
+from pydantic import BaseModel as _BaseModel  # noqa: E402 - appended section, light imports
+from pydantic import Field as _Field  # noqa: E402
+
+from ..gates import GateResult as _GateResult  # noqa: E402
+
+
+class KLBetween(_BaseModel):
+    """The kl_divergence gate and the numbers behind it (:func:`kl_between`)."""
+
+    gate: _GateResult
+    mean_per_token: float = _Field(description="Σ_i Σ_t KL_it ÷ Σ_i T_i, nats per completion token")
+    mean_per_sequence: float = _Field(description="mean over examples of Σ_t KL_it, nats")
+    per_sequence: list[float]
+    tokens: int
+    examples: int
+
+
+def kl_between(policy: str | Path, probe: str | Path, reference: str | Path | None = None, *,
+               completion: str = "chosen", max_examples: int = 64, batch_size: int = 8,
+               max_length: int = 512, device: str | None = None, thresholds: Any = None,
+               progress: Any = None) -> KLBetween:
+    """KL(π_policy ‖ π_reference) on the first ``max_examples`` pairs of a probe file, gated.
+
+    KL = Σ_i Σ_t Σ_v p_θ(v|·)(log p_θ(v|·) − log p_ref(v|·)) ÷ Σ_i T_i over the
+    ``completion`` tokens (chosen or rejected) of each pair, exact over the vocabulary
+    (:func:`kl_on_probe`), in nats/token; compared with the ``kl_divergence`` gate of
+    ``thresholds`` (default preset when None). ``reference=None``: the policy must be a
+    PEFT adapter and the reference is its base with the adapters disabled.
+    ``progress(done, total, message)`` is called as the models load and the KL is measured.
+    Returns a :class:`KLBetween`.
+    """
+    from ..gates import Thresholds
+    from ..stages.common import read_rows, to_trl_row
+
+    if completion not in ("chosen", "rejected"):
+        raise InputError(f"completion must be chosen or rejected, got '{completion}'",
+                         field="completion")
+    probe = Path(probe)
+    rows = [to_trl_row(r) for r in read_rows(probe)][:max_examples]
+    if not rows:
+        raise InputError("no pairs to probe", file=probe)
+    thresholds = thresholds or Thresholds()
+    say = progress or (lambda d, t, m: None)
+    backend = TRLBackend()
+    steps = 3 if reference else 2
+    say(0, steps, "loading the policy")
+    pol = backend.load(policy, device=device)
+    ref = None
+    if reference:
+        say(1, steps, "loading the reference")
+        ref = backend.load(reference, device=device)
+    say(steps - 1, steps, f"measuring KL on {len(rows)} pairs")
+    kl = kl_on_probe(pol, ref, [r["prompt"] for r in rows], [r[completion] for r in rows],
+                     batch_size=batch_size, max_length=max_length)
+    say(steps, steps, "done")
+    gate = thresholds.evaluate(
+        "kl_divergence", kl.mean,
+        detail=f"mean per-token KL(policy || {'reference' if reference else 'adapters disabled'}) "
+               f"over {kl.tokens} {completion} tokens of {len(rows)} probe pairs from {probe.name}")
+    return KLBetween(gate=gate, mean_per_token=kl.mean, mean_per_sequence=kl.mean_sequence,
+                     per_sequence=kl.per_sequence, tokens=kl.tokens, examples=len(rows))
