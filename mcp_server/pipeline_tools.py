@@ -1,7 +1,9 @@
-"""Pipeline tools: start/poll, blocking runs with progress, status and listing.
+"""Pipeline tools: start/poll, blocking runs with progress, status, listing, rollback, report.
 
 Thin wrappers over :mod:`realign.pipeline` (``create_run``, ``run_stages``, ``resume``,
-``run_status``, ``list_runs``). The run directory is the record: ``run_status`` reads
+``run_status``, ``list_runs``), :func:`realign.rollback.rollback` and
+:func:`realign.report.write_report`. ``run_stage`` accepts every stage of
+:data:`realign.config.STAGES`. The run directory is the record: ``run_status`` reads
 ``status.json`` and each stage's ``verdict.json`` from disk, so an agent whose
 connection dropped loses nothing. A failed gate stops the run with its verdict; that
 is a normal result (``state: failed``), not an error.
@@ -18,9 +20,12 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
+from realign import config as run_config
 from realign import pipeline
-from realign.config import STAGES, RunConfig, load_config
+from realign.config import RunConfig, load_config
 from realign.pipeline import RunStatus
+from realign.report import write_report
+from realign.rollback import RollbackResult
 
 from ._util import EXPECTED, run_blocking, tool_error
 from .jobs import JobManager
@@ -29,11 +34,24 @@ from .paths import PathPolicy
 RUNS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                        open_world_hint=False)
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+#: rollback re-evaluates models and repoints deployed_model.json; it deletes nothing.
+ROLLBACK = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                           open_world_hint=False)
+#: the report files are rewritten from the run directory: same input, same files.
+REPORT = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+                         open_world_hint=False)
 
 ConfigArg = Annotated[str, Field(description="YAML run config (see templates.md)")]
-StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]  # the pipeline's stage names
 RunArg = Annotated[str, Field(description="run id (a folder of the runs directory) or a run "
                                           "directory path")]
+
+
+class ReportFiles(BaseModel):
+    """The run report written by :func:`realign.report.write_report`."""
+
+    html: str
+    markdown: str
+    markdown_text: str = Field(description="the content of report.md")
 
 
 class RunList(BaseModel):
@@ -174,10 +192,9 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
         passing verdict (stage 5 from its last checkpoint). Poll run_status."""
         return background(tools.run_dir(run), "resume")
 
-    @mcp.tool(annotations=RUNS)
     async def run_stage(
         run: RunArg,
-        stage: Annotated[StageName, Field(description="the stage to run")],
+        stage: str,
         ctx: Context,
         force: Annotated[bool, Field(description="rerun even if the stage has a verdict")] = False,
         wait: Annotated[bool, Field(description="wait for the end (with progress "
@@ -185,12 +202,60 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
                                                 "and poll run_status")] = True,
     ) -> RunReport:
         """Run one stage of an existing run (its earlier stages' artifacts must exist)."""
-        if stage not in STAGES:
-            raise ToolError(f"unknown stage '{stage}' (known: {', '.join(STAGES)})")
+        stages = run_config.STAGES  # read at call time: a stage added to the library is accepted
+        if stage not in stages:
+            raise ToolError(f"unknown stage '{stage}' (known: {', '.join(stages)})")
         d = tools.run_dir(run)
         if wait:
             return await blocking(ctx, d, f"stage:{stage}", stages=[stage], force=force)
         return background(d, f"stage:{stage}", stages=[stage], force=force)
+
+    # The schema lists the library's stages as this server is built (STAGES, in order).
+    run_stage.__annotations__["stage"] = Annotated[
+        Literal[tuple(run_config.STAGES)],  # type: ignore[valid-type]
+        Field(description="the stage to run: " + ", ".join(
+            f"{n} ({k})" for n, k in run_config.STAGES.items()))]
+    mcp.tool(annotations=RUNS)(run_stage)
+
+    @mcp.tool(annotations=ROLLBACK)
+    async def rollback(
+        run: RunArg,
+        ctx: Context,
+        force: Annotated[bool, Field(description="roll back even when stage 7 passed")] = False,
+    ) -> RollbackResult:
+        """Stage 7 failed: restore the best earlier model that passes every stage-7 gate.
+
+        Candidates: the stage-5 checkpoints on disk that passed the KL gate (best held-out
+        margin first, the rejected step left out), then the stage-1 baseline. Each is
+        re-evaluated with stage 7's gates (retention, win rate); the first that passes is
+        restored (deployed_model.json points at it); else the baseline. Records
+        rollback.json, rewrites the report, deletes nothing. Waits for the end, with
+        progress notifications (one re-evaluation per candidate: minutes).
+        """
+        from realign.rollback import rollback as rollback_run
+
+        d = tools.run_dir(run)
+        try:
+            with tools.jobs.claim(d, "rollback"):
+                res = await run_blocking(rollback_run, d, force=force, trigger="cli", ctx=ctx,
+                                         progress_kw="progress")
+        except EXPECTED as e:
+            raise tool_error(e) from e
+        try:  # as `realign rollback`: the report shows the rollback
+            await run_blocking(write_report, d)
+        except Exception as e:  # noqa: BLE001 - the rollback is recorded; the report is secondary
+            await ctx.warning(f"report not written: {e}")
+        return res
+
+    @mcp.tool(annotations=REPORT)
+    async def generate_report(run: RunArg) -> ReportFiles:
+        """(Re)write report.html (plots as inline SVG) and report.md of a run from its run
+        directory: every stage's gates, the KL and reward curves, retention with CIs, the
+        deploy/reject decision and any rollback. Returns the paths and the Markdown."""
+        d = tools.run_dir(run)
+        html, md = await run_blocking(write_report, d)
+        text = await anyio.to_thread.run_sync(md.read_text, "utf-8")
+        return ReportFiles(html=str(html), markdown=str(md), markdown_text=text)
 
     @mcp.tool(annotations=READ_ONLY)
     async def run_status(run: RunArg) -> RunReport:
@@ -204,4 +269,5 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
         runs = await anyio.to_thread.run_sync(pipeline.list_runs, tools.runs_dir)
         return RunList(runs_dir=str(tools.runs_dir), runs=runs)
 
-    return ["start_pipeline", "run_pipeline", "resume_run", "run_stage", "run_status", "list_runs"]
+    return ["start_pipeline", "run_pipeline", "resume_run", "run_stage", "run_status", "list_runs",
+            "rollback", "generate_report"]

@@ -57,6 +57,23 @@ def register(mcp: MCPServer, tool_names: set[str]) -> None:
             "explain it using the stage doc, and propose a fix; on 'interrupted', call "
             "resume_run(run=<id>). On 'passed', summarise every gate.",
         ]
-        if "compute_kl" in tool_names:
-            steps.append("During DPO, compute_kl measures KL(policy || reference) on a probe set.")
+        extra = {
+            "calibrate_hardware": f"Before training, calibrate_hardware(model='{model}') measures "
+                                  "the DPO batch-size curve on this machine (use its recommended "
+                                  "batch size and gradient accumulation in the config).",
+            "calculate_ifd_score": f"calculate_ifd_score(path='{dataset}') shows which pairs' "
+                                   "answers do not follow from their prompt (IFD > 1).",
+            "score_preference_gap": "Without explicit scores the preference_gap gate is "
+                                    "unmeasured until stage 4; score_preference_gap(path, "
+                                    "reward_model) measures it with a trained reward model.",
+            "compute_kl": "During DPO, compute_kl measures KL(policy || reference) on a probe set.",
+            "evaluate_benchmarks": "evaluate_benchmarks(model=...) scores any model on the "
+                                   "offline suites (list_suites); stage 7 compares them before "
+                                   "and after DPO.",
+            "rollback": "If stage 7 (evaluation) rejects the model, call rollback(run=<id>) to "
+                        "restore the best earlier model that passes every gate.",
+            "generate_report": "At the end, generate_report(run=<id>) writes report.html and "
+                               "report.md; give the user the path.",
+        }
+        steps += [text for name, text in extra.items() if name in tool_names]
         return "\n".join(steps)

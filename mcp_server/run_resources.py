@@ -6,6 +6,8 @@ Templates (read-only JSON):
 * ``realign://runs/{run_id}/status.json``     state, current stage, progress
 * ``realign://runs/{run_id}/stages/{stage}/verdict.json``  a stage verdict; ``stage`` is
   the stage folder ``<k>-<name>`` (e.g. ``2-preference_data``) or the bare stage name
+* ``realign://runs/{run_id}/report.md``        the run report (Markdown; text/markdown)
+* ``realign://runs/{run_id}/rollback.json``    the last rollback's record
 """
 
 from __future__ import annotations
@@ -52,3 +54,15 @@ def register(mcp: MCPServer, runs_dir: Path) -> None:
         if stage in STAGES:
             stage = f"{STAGES[stage]}-{stage}"
         return run_file(run_id, "stages", stage, "verdict.json")
+
+    @mcp.resource("realign://runs/{run_id}/report.md", mime_type="text/markdown",
+                  description="A run's report: every stage's gates, curves summarized, the "
+                              "deploy/reject decision (generate_report rewrites it)")
+    def report_md(run_id: str) -> str:
+        return run_file(run_id, "report.md")
+
+    @mcp.resource("realign://runs/{run_id}/rollback.json", mime_type="application/json",
+                  description="The last rollback of a run: candidates re-evaluated with their "
+                              "gates, what was restored")
+    def rollback_json(run_id: str) -> str:
+        return run_file(run_id, "rollback.json")

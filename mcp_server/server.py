@@ -18,7 +18,7 @@ from mcp.server.mcpserver import MCPServer
 
 import realign
 
-from . import prompts, training_tools, validators
+from . import benchmark_tools, prompts, training_tools, validators
 from .paths import PathPolicy
 from .skills import ServedSkill, SkillsExtension, realign_skill
 
@@ -32,8 +32,10 @@ Read the skill first: skill://realign-dpo-workflow/SKILL.md (resources/read; ski
 gives its manifest). Validate preference data with validate_preference_data and
 check_decontamination; get_thresholds shows every gate. Run the pipeline with
 start_pipeline (returns a run id at once) and poll run_status; verdicts are also
-resources realign://runs/<id>/stages/<k>-<name>/verdict.json. A failed gate is a result
-to act on, not an error; tool errors name the file, line and field to fix."""
+resources realign://runs/<id>/stages/<k>-<name>/verdict.json. After a failed stage 7,
+rollback restores the best passing model; generate_report writes the run report.
+A failed gate is a result to act on, not an error; tool errors name the file, line
+and field to fix."""
 
 
 def build_server(
@@ -61,6 +63,7 @@ def build_server(
     mcp.middleware.append(_legacy_extensions_middleware(mcp))
     names = validators.register(mcp, policy)
     names += training_tools.register(mcp, policy)
+    names += benchmark_tools.register(mcp, policy)
     try:  # the pipeline tools exist only when the library has the pipeline
         from . import pipeline_tools, run_resources
     except ImportError as e:

@@ -1,10 +1,17 @@
 """Model-measurement tools, registered only when the library (and torch) provide them.
 
-``compute_kl``: KL(π_θ ‖ π_ref) of two models on a probe set of preference pairs,
-measured by :func:`realign.backends.trl.kl_on_probe` (mean per-token KL over completion
-tokens, exact over the vocabulary, nats/token) and compared with the ``kl_divergence``
-gate by :class:`realign.gates.Thresholds`. This module only loads the models and the
-rows and passes them on (glue: see the report about moving it into the library).
+Each tool resolves its paths with the server's :class:`PathPolicy`, calls one library
+function in a worker thread with progress forwarded to ``ctx.report_progress``, and
+returns the library's numbers:
+
+* ``compute_kl``: :func:`realign.backends.trl.kl_between` (also ``realign kl``): mean
+  per-token KL(π_θ ‖ π_ref) over completion tokens, exact over the vocabulary,
+  nats/token, with the ``kl_divergence`` gate;
+* ``calculate_ifd_score``: :func:`realign.ifd.ifd_of_file` (``realign ifd``): IFD =
+  PPL(A | Q) ÷ PPL(A) per example and its distribution;
+* ``score_preference_gap``: :func:`realign.reward.gap_on_file` (``realign validate
+  --reward-model``): the ``preference_gap`` gate from a stage-4 reward model, gap =
+  mean tanh((r(c) − r(r)) / 2).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from realign.gates import DEFAULT_PRESET, GateResult, Thresholds
+from realign.ifd import IFDFileResult
 
 from ._util import run_blocking, tool_error
 from .paths import PathPolicy
@@ -37,43 +45,26 @@ class KLReport(BaseModel):
     examples: int
 
 
+class PreferenceGapReport(BaseModel):
+    """The preference_gap gate from a reward model, and what it is made of."""
+
+    gate: GateResult
+    reward_model: str
+    scored_pairs: int
+    gap: float | None = Field(description="mean over pairs of tanh((r(c) - r(r)) / 2) = "
+                                          "s(c) - s(r), s = Bradley-Terry sigmoid")
+    ci95: tuple[float, float] | None
+    normalization: str
+    accuracy: float | None = Field(description="share of pairs with r(chosen) > r(rejected)")
+    margin: dict[str, float] = Field(description="quantiles of r(chosen) - r(rejected)")
+    negative_gap: list[int] = Field(description="lines whose pair has a negative gap (the "
+                                                "reward model prefers the rejected response)")
+
+
 def available() -> bool:
     """True when torch, the TRL backend and the stage helpers are installed."""
     return all(importlib.util.find_spec(m) is not None
                for m in ("torch", "transformers", "realign.backends.trl", "realign.stages.common"))
-
-
-def _measure_kl(policy: str, reference: str | None, probe: Path, completion: str, max_examples: int,
-                batch_size: int, max_length: int, device: str | None, thresholds: Thresholds,
-                progress: Any = None) -> KLReport:
-    from realign.backends.trl import TRLBackend, kl_on_probe
-    from realign.stages.common import read_rows, to_trl_row
-
-    rows = [to_trl_row(r) for r in read_rows(probe)][:max_examples]
-    if not rows:
-        raise ToolError(f"{probe}: no pairs to probe")
-    backend = TRLBackend()
-    steps = 3 if reference else 2
-    if progress:
-        progress(0, steps, "loading the policy")
-    pol = backend.load(policy, device=device)
-    ref = None
-    if reference:
-        if progress:
-            progress(1, steps, "loading the reference")
-        ref = backend.load(reference, device=device)
-    if progress:
-        progress(steps - 1, steps, f"measuring KL on {len(rows)} pairs")
-    kl = kl_on_probe(pol, ref, [r["prompt"] for r in rows], [r[completion] for r in rows],
-                     batch_size=batch_size, max_length=max_length)
-    if progress:
-        progress(steps, steps, "done")
-    gate = thresholds.evaluate(
-        "kl_divergence", kl.mean,
-        detail=f"mean per-token KL(policy || {'reference' if reference else 'adapters disabled'}) "
-               f"over {kl.tokens} {completion} tokens of {len(rows)} probe pairs from {probe.name}")
-    return KLReport(gate=gate, mean_per_token=kl.mean, mean_per_sequence=kl.mean_sequence,
-                    per_sequence=kl.per_sequence, tokens=kl.tokens, examples=len(rows))
 
 
 def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
@@ -87,6 +78,12 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
             return raw  # a hub id: the hub is offline here and loading says so
         try:
             return str(paths.resolve(raw, what=what))
+        except ValueError as e:
+            raise ToolError(str(e)) from e
+
+    def p(raw: str, what: str) -> Path:
+        try:
+            return paths.resolve(raw, what=what)
         except ValueError as e:
             raise ToolError(str(e)) from e
 
@@ -125,7 +122,77 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
             probe_path = paths.resolve(probe, what="probe")
         except ValueError as e:
             raise ToolError(str(e)) from e
-        return await run_blocking(_measure_kl, pol, ref, probe_path, completion, max_examples,
-                                  batch_size, max_length, device, t, ctx=ctx, progress_kw="progress")
+        from realign.backends.trl import kl_between
 
-    return ["compute_kl"]
+        res = await run_blocking(kl_between, pol, probe_path, ref, completion=completion,
+                                 max_examples=max_examples, batch_size=batch_size,
+                                 max_length=max_length, device=device, thresholds=t, ctx=ctx,
+                                 progress_kw="progress")
+        return KLReport.model_validate(res.model_dump())
+
+    @mcp.tool(annotations=READ_ONLY)
+    async def calculate_ifd_score(
+        path: Annotated[str, Field(description="SFT or preference data (.jsonl, .json, .parquet): "
+                                               "messages, instruction+response, prompt+completion "
+                                               "or prompt+chosen rows")],
+        ctx: Context,
+        model: Annotated[str, Field(description="causal LM that scores: a folder, 'default' "
+                                                "(SmolLM2-135M-Instruct) or a hub id")] = "default",
+        limit: Annotated[int | None, Field(ge=1, description="score only the first N examples")] = None,
+        batch_size: Annotated[int, Field(ge=1)] = 16,
+        max_length: Annotated[int, Field(ge=2)] = 512,
+        device: Annotated[str | None, Field(description="cuda, mps or cpu (default: best)")] = None,
+    ) -> IFDFileResult:
+        """Instruction-following difficulty (Li et al. 2023) of every example of a file.
+
+        IFD = PPL(A | Q) / PPL(A): the answer's perplexity after the instruction, divided
+        by the perplexity of the same answer tokens with no instruction. IFD < 1: the
+        instruction helps; IFD > 1: it does not (a likely misaligned pair). Returns the
+        distribution (mean, quantiles, share above 1) and per-example scores with their
+        line numbers. Reads files only (same numbers as `realign ifd --json`).
+        """
+        from realign.ifd import ifd_of_file
+
+        return await run_blocking(ifd_of_file, p(path, "path"), model_arg(model, "model"),
+                                  limit=limit, batch_size=batch_size, max_length=max_length,
+                                  device=device, ctx=ctx, progress_kw="progress")
+
+    @mcp.tool(annotations=READ_ONLY)
+    async def score_preference_gap(
+        path: Annotated[str, Field(description="preference pairs (any supported format)")],
+        reward_model: Annotated[str, Field(description="reward model folder (stage 4 saves one "
+                                                       "as stages/4-reward_model/reward_model)")],
+        ctx: Context,
+        exclude_lines: Annotated[list[int], Field(description="lines not to score, e.g. the "
+                                                              "duplicates/identical/empty/"
+                                                              "contaminated findings of "
+                                                              "validate_preference_data")] = [],  # noqa: B006
+        skip_bad_rows: bool = False,
+        split: Annotated[str | None, Field(description="split of a saved DatasetDict")] = None,
+        batch_size: Annotated[int, Field(ge=1)] = 8,
+        max_length: Annotated[int, Field(ge=8)] = 512,
+        device: Annotated[str | None, Field(description="cuda, mps or cpu (default: best)")] = None,
+        preset: Literal["relaxed", "standard", "strict"] = DEFAULT_PRESET,
+        thresholds: dict[str, float] = {},  # noqa: B006
+    ) -> PreferenceGapReport:
+        """Stage 2/4: the preference_gap gate of a file, scored by a reward model.
+
+        Each pair is scored r(chosen), r(rejected); s(y) = sigmoid(r(y) - r(y')), so the
+        pair's gap s(c) - s(r) = tanh((r(c) - r(r)) / 2) and the gate reads the mean
+        (with a 95% CI). Also returns the reward accuracy on the file, margin quantiles
+        and the lines whose gap is negative. Reads files only.
+        """
+        from realign.reward import gap_on_file
+
+        try:
+            t = Thresholds(preset=preset, overrides=dict(thresholds))
+        except ValueError as e:
+            raise tool_error(e) from e
+        gate, found = await run_blocking(
+            gap_on_file, p(path, "path"), p(reward_model, "reward_model"), thresholds=t,
+            exclude_lines=exclude_lines, split=split, skip_bad_rows=skip_bad_rows,
+            batch_size=batch_size, max_length=max_length, device=device, ctx=ctx,
+            progress_kw="progress")
+        return PreferenceGapReport(gate=gate, **found)
+
+    return ["compute_kl", "calculate_ifd_score", "score_preference_gap"]

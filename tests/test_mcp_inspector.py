@@ -39,4 +39,7 @@ def test_skills_verify(era: str) -> None:
 def test_tools_strict() -> None:
     r = _inspect("--method", "tools/list", "--strict")
     assert r.returncode == 0, r.stderr
-    assert '"validate_preference_data"' in r.stdout
+    for name in ("validate_preference_data", "calculate_ifd_score", "evaluate_benchmarks",
+                 "calibrate_hardware", "rollback", "generate_report"):
+        assert f'"{name}"' in r.stdout, name
+    assert "portability error" not in r.stderr, r.stderr

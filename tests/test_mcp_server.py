@@ -265,8 +265,13 @@ async def test_pipeline_prompt_names_model_dataset_and_tools() -> None:
     text = r.messages[0].content.text  # type: ignore[union-attr]
     assert "my/model" in text and "d.jsonl" in text and "e2.jsonl" in text
     for name in ("validate_preference_data", "check_decontamination", "start_pipeline",
-                 "run_status", "get_thresholds"):
+                 "run_status", "get_thresholds", "rollback", "generate_report"):
         assert name in text and name in tools
+    # every tool the prompt suggests calling is registered
+    import re
+
+    called = set(re.findall(r"\b([a-z_]+)\(", text))
+    assert called <= tools | {"skill"}, called - tools
 
 
 # --------------------------------------------------------------------------- paths
