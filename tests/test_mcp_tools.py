@@ -377,3 +377,26 @@ async def test_generate_report_missing_run(tmp_path: Path) -> None:
     async with Client(build_server(runs_dir=tmp_path)) as c:
         err = await call_error(c, "generate_report", {"run": str(tmp_path / "nowhere")})
     assert "nowhere" in err and "run.json" in err
+
+
+# --------------------------------------------------------------------------- docs
+async def test_docs_list_exactly_the_registered_tools() -> None:
+    """README's "## MCP server" section and SKILL.md's "## MCP tools by stage" table name
+    every registered tool and no other (a code span `name` or `name()`)."""
+    import re
+
+    async with Client(build_server()) as c:
+        tools = {t.name for t in (await c.list_tools()).tools}
+
+    def section(path: Path, heading: str) -> str:
+        text = path.read_text(encoding="utf-8")
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
+        return text[start: nxt if nxt > 0 else None]
+
+    readme = set(re.findall(r"`([a-z][a-z0-9_]*)`", section(REPO / "README.md", "## MCP server")))
+    table = "\n".join(ln for ln in section(REPO / "SKILL.md", "## MCP tools by stage").splitlines()
+                      if ln.startswith("|"))
+    assert tools <= readme, tools - readme
+    assert set(re.findall(r"`([a-z][a-z0-9_]*)\(\)`", table)) == tools
+    assert "assess_rlvr_verifiability" in readme and "assess_rlvr_verifiability" not in tools
