@@ -400,3 +400,26 @@ async def test_docs_list_exactly_the_registered_tools() -> None:
     assert tools <= readme, tools - readme
     assert set(re.findall(r"`([a-z][a-z0-9_]*)\(\)`", table)) == tools
     assert "assess_rlvr_verifiability" in readme and "assess_rlvr_verifiability" not in tools
+
+
+async def test_new_tools_confine_paths(tmp_path: Path) -> None:
+    """Over HTTP (a confined policy) the new tools refuse paths outside the roots before
+    loading anything."""
+    from realign_mcp.paths import PathPolicy
+
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = write_jsonl(tmp_path / "out.jsonl", IFD_ROWS)
+    server = build_server(policy=PathPolicy.confined([root]), runs_dir="runs")
+    async with Client(server) as c:
+        errs = [
+            await call_error(c, "calculate_ifd_score", {"path": str(outside)}),
+            await call_error(c, "score_preference_gap", {"path": "ok.jsonl",
+                                                         "reward_model": str(tmp_path)}),
+            await call_error(c, "evaluate_benchmarks", {"model": str(tmp_path / "m")}),
+            await call_error(c, "calibrate_hardware", {"model": "../m"}),
+            await call_error(c, "rollback", {"run": str(tmp_path)}),
+            await call_error(c, "generate_report", {"run": "../x"}),
+        ]
+    for e in errs:
+        assert "outside the allowed roots" in e or "contains '..'" in e, e
