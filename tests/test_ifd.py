@@ -191,3 +191,21 @@ def test_ifd_cli(tiny_model_path, tmp_path, one_thread):
     assert r.exit_code == 2 and "bad.jsonl:2" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["ifd", str(data), "--top-k", "2"])
     assert r.exit_code == 2 and "--write" in r.output
+
+
+def test_write_subset_keeps_format_and_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from realign.ifd import write_subset
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    ex, fmt, raw = read_examples(tmp_path / "d.parquet")
+    assert fmt == "parquet" and [e.line for e in ex] == [1, 2, 3, 4, 5]
+    write_subset(tmp_path / "k.parquet", fmt, raw, [1, 3])
+    assert pq.read_table(tmp_path / "k.parquet").to_pylist() == [rows[1], rows[3]]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ex, fmt, raw = read_examples(tmp_path / "d.json")
+    write_subset(tmp_path / "k.json", fmt, raw, [0, 4])
+    assert fmt == "json" and json.loads((tmp_path / "k.json").read_text()) == [rows[0], rows[4]]
