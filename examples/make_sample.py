@@ -4,7 +4,9 @@ Source: written for this repository by this script; no third-party text. Licence
 repository's (Apache-2.0). The pairs teach a simple, checkable preference: a correct,
 direct answer (chosen) over a wrong or evasive one (rejected), on arithmetic, unit
 conversion, capitals and word facts. Lengths are mixed on purpose (the chosen answer
-is not always the longer one) so the length-bias gate is meaningful. A handful of
+is not always the longer one) so the length-bias gate is meaningful. Each row carries a
+``reference`` answer (the number or the city) that stage 7's verifier checks when it
+judges the win rate. A handful of
 problems are planted so `realign validate` has something to find: 3 duplicate rows,
 2 identical pairs, 1 empty response and 2 pairs that copy an item of examples/eval.jsonl
 (one verbatim inside a longer prompt, one lower-cased with a number spelled out). The
@@ -38,7 +40,7 @@ def arithmetic(rng: random.Random) -> dict:
     else:
         chosen = f"{a} {op} {b} = {val}. So the answer is {val}."
         rejected = f"{val + rng.choice([-10, 1, 7])}"
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": str(val),
             "score_chosen": rng.choice([8, 9, 10]), "score_rejected": rng.choice([1, 2, 3])}
 
 
@@ -51,7 +53,7 @@ def capital(rng: random.Random) -> dict:
     chosen = city if style == "short" else f"The capital of {country} is {city}."
     rejected = rng.choice([f"The capital of {country} is {other}, a large and well known city.",
                            rng.choice(WRONG)])
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": city,
             "score_chosen": rng.choice([8, 9, 10]), "score_rejected": rng.choice([1, 2, 3, 4])}
 
 
@@ -60,7 +62,7 @@ def conversion(rng: random.Random) -> dict:
     prompt = f"How many meters are in {km} kilometers?"
     chosen = rng.choice([f"{km * 1000} meters.", f"There are {km * 1000} meters in {km} kilometers."])
     rejected = rng.choice([f"{km * 100} meters.", f"About {km * 10} meters, since a kilometer is ten meters."])
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": str(km * 1000),
             "score_chosen": rng.choice([8, 9, 10]), "score_rejected": rng.choice([1, 2, 3])}
 
 

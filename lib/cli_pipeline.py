@@ -16,6 +16,9 @@ from rich.table import Table
 from .cli import STATUS_STYLE, app, err, fail_input, out, print_verdict
 from .errors import InputError, RealignError
 
+from .config import STAGES as _STAGES
+
+_STAGE_NAMES = list(_STAGES)
 RUN_EXIT = {"passed": 0, "failed": 1, "incomplete": 3, "interrupted": 1, "created": 3,
             "running": 3}
 
@@ -123,7 +126,7 @@ def resume(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="sft_baseline, preference_data, reference_init or dpo")],
+    name: Annotated[str, typer.Argument(help="stage name: " + ", ".join(_STAGE_NAMES))],
     run_dir: Annotated[Optional[Path], typer.Option("--run", help="existing run directory")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="config for a new run")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,

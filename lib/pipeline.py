@@ -12,7 +12,8 @@ Rules:
 * Stages run in the order of :data:`realign.config.STAGES`.
 * A stage whose verdict is ``fail`` stops the run, unless every failed gate is listed
   in ``allow_gate_failures`` (the verdict then records the override). ``incomplete``
-  (a gate unmeasured) does not stop the run but the run ends ``incomplete``.
+  (a gate unmeasured) does not stop the run, but the run ends ``incomplete`` unless a
+  later stage measured that gate (:func:`unresolved_unmeasured`).
 * Every file is written atomically (temp file + rename). A stage is complete when its
   ``verdict.json`` exists; :func:`resume` skips complete stages and restarts the first
   incomplete one (stage 5 continues from its last on-disk checkpoint).
@@ -315,8 +316,6 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                 existing = ctx.verdict(name)
                 if existing is not None and not force and not _blocking_failures(
                         existing, config.allow_gate_failures):
-                    if existing.status == "incomplete":
-                        state = "incomplete"
                     continue
                 if force and existing is not None:
                     if main:
@@ -341,8 +340,9 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                                   message=f"stopped at {name}: gate(s) {', '.join(blocking)} failed")
                     _write_report(run_dir)  # report hook (lib/report.py)
                     return run_status(run_dir)
-                if verdict.status == "incomplete":
-                    state = "incomplete"
+            open_gates = unresolved_unmeasured([ctx.verdict(n) for n in todo])
+            if open_gates:
+                state = "incomplete"
         except KeyboardInterrupt:
             _write_status(run_dir, state="interrupted", message="interrupted")
             raise
@@ -351,9 +351,28 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
             raise
         _write_status(run_dir, state=state, current_stage=None,
                       message="all stages complete" if state == "passed" else
-                      "complete, but some gates are unmeasured")
+                      "complete, but unmeasured: " + ", ".join(open_gates))
         _write_report(run_dir)  # report hook (lib/report.py)
     return run_status(run_dir)
+
+
+def unresolved_unmeasured(verdicts: list[StageVerdict | None]) -> list[str]:
+    """Gates left ``unmeasured`` that no later stage measured, as ``stage:gate``.
+
+    A later stage may measure a gate an earlier one could not: stage 4 measures
+    ``preference_gap`` with its reward model when the data had no scores. Such a gate is
+    resolved; any other unmeasured gate makes the run ``incomplete``.
+    """
+    out = []
+    vs = [v for v in verdicts if v is not None]
+    for i, v in enumerate(vs):
+        for g in v.gates:
+            if g.status != "unmeasured":
+                continue
+            if any(h.name == g.name and h.status != "unmeasured" for w in vs[i + 1:] for h in w.gates):
+                continue
+            out.append(f"{v.stage}:{g.name}")
+    return out
 
 
 def _write_report(run_dir: Path) -> None:

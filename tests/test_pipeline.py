@@ -192,3 +192,18 @@ def test_failed_gate_stops_run_unless_allowed(tmp_path, tiny_model_path):
     assert v.gate("min_pairs").status == "fail"  # still reported honestly
     assert v.findings["allowed_failures"] == ["min_pairs"] and status.state == "passed"
     assert load_run_config(Path(status.run_dir)).allow_gate_failures == ["min_pairs"]
+
+
+def test_unmeasured_gate_measured_later_resolves():
+    from realign.gates import Thresholds, make_verdict
+    from realign.pipeline import unresolved_unmeasured
+
+    t = Thresholds()
+    s2 = make_verdict("preference_data", [t.evaluate("preference_gap", None),
+                                          t.evaluate("decontamination", None)], t)
+    s4 = make_verdict("reward_model", [t.evaluate("preference_gap", 0.4)], t)
+    assert unresolved_unmeasured([s2, s4]) == ["preference_data:decontamination"]
+    assert unresolved_unmeasured([s4, s2]) == ["preference_data:preference_gap",
+                                               "preference_data:decontamination"]
+    assert unresolved_unmeasured([s2, None]) == ["preference_data:preference_gap",
+                                                 "preference_data:decontamination"]
