@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from typing import Any
 from pathlib import Path
 
 from .errors import InputError, MissingDependencyError
@@ -132,15 +133,21 @@ def default_model_path() -> Path:
     if _is_complete(target):
         return target
     src_dir, gguf_file = gguf_source()
+    return _build_once(target, lambda: _materialize(src_dir, gguf_file, target))
+
+
+def _build_once(target: Path, build: Any) -> Path:
+    """Run ``build()`` to create ``target`` unless it is complete, under a file lock so
+    concurrent processes build it once; a leftover incomplete folder is cleared first."""
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{DEFAULT_MODEL}.lock")):
+    with FileLock(str(target.parent / f".{target.name}.lock")):
         if _is_complete(target):
             return target
         if target.exists():  # a leftover incomplete directory (should not happen: we rename)
             shutil.rmtree(target)
-        _materialize(src_dir, gguf_file, target)
+        build()
     return target
 
 
@@ -179,15 +186,10 @@ def default_tokenizer_path() -> Path:
     if _is_complete(target):
         return target
     src_dir, gguf_file = gguf_source()
-    from filelock import FileLock
-    from transformers import AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{DEFAULT_MODEL}.lock")):
-        if _is_complete(target):
-            return target
-        if target.exists():
-            shutil.rmtree(target)
+    def build() -> None:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=gguf_file)
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
@@ -204,4 +206,5 @@ def default_tokenizer_path() -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return _build_once(target, build)

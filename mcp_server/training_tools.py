@@ -28,21 +28,15 @@ from pydantic import BaseModel, Field
 from realign.gates import DEFAULT_PRESET, GateResult, Thresholds
 from realign.ifd import IFDFileResult
 
+from realign.backends.base import KLBetween
+
 from ._util import run_blocking, tool_error
 from .paths import PathPolicy
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
 
-class KLReport(BaseModel):
-    """The kl_divergence gate and the numbers behind it."""
-
-    gate: GateResult
-    mean_per_token: float = Field(description="Σ_i Σ_t KL_it ÷ Σ_i T_i, nats per completion token")
-    mean_per_sequence: float = Field(description="mean over examples of Σ_t KL_it, nats")
-    per_sequence: list[float]
-    tokens: int
-    examples: int
+KLReport = KLBetween  # one model for the library, the CLI and this tool
 
 
 class PreferenceGapReport(BaseModel):
@@ -128,7 +122,7 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
                                  max_examples=max_examples, batch_size=batch_size,
                                  max_length=max_length, device=device, thresholds=t, ctx=ctx,
                                  progress_kw="progress")
-        return KLReport.model_validate(res.model_dump())
+        return res
 
     @mcp.tool(annotations=READ_ONLY)
     async def calculate_ifd_score(

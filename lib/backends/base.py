@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from pydantic import BaseModel, Field
+
+from ..gates import GateResult
+
 
 @dataclass
 class LogProbs:
@@ -97,3 +101,15 @@ class Backend(Protocol):
 
     def save(self, handle: Any, path: str | Path) -> Path:
         """Save model + tokenizer to ``path`` (atomically)."""
+
+
+class KLBetween(BaseModel):
+    """The kl_divergence gate and the numbers behind it (``realign.backends.trl.kl_between``);
+    also the MCP ``compute_kl`` tool's output schema (torch-free, so the server can import it)."""
+
+    gate: GateResult
+    mean_per_token: float = Field(description="Σ_i Σ_t KL_it ÷ Σ_i T_i, nats per completion token")
+    mean_per_sequence: float = Field(description="mean over examples of Σ_t KL_it, nats")
+    per_sequence: list[float]
+    tokens: int
+    examples: int

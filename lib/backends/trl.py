@@ -521,21 +521,7 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
 # stages 3 and 5 with kl_on_probe directly.)
 
 
-from pydantic import BaseModel as _BaseModel  # noqa: E402 - appended section, light imports
-from pydantic import Field as _Field  # noqa: E402
-
-from ..gates import GateResult as _GateResult  # noqa: E402
-
-
-class KLBetween(_BaseModel):
-    """The kl_divergence gate and the numbers behind it (:func:`kl_between`)."""
-
-    gate: _GateResult
-    mean_per_token: float = _Field(description="Σ_i Σ_t KL_it ÷ Σ_i T_i, nats per completion token")
-    mean_per_sequence: float = _Field(description="mean over examples of Σ_t KL_it, nats")
-    per_sequence: list[float]
-    tokens: int
-    examples: int
+from .base import KLBetween  # noqa: E402  (the model lives in the torch-free base)
 
 
 def kl_between(policy: str | Path, probe: str | Path, reference: str | Path | None = None, *,
