@@ -144,6 +144,8 @@ def _config(tmp: Path, model: Path, **changes):
     from realign.config import RunConfig
 
     rows = [json.loads(x) for x in (ROOT / "examples" / "pairs.jsonl").read_text().splitlines()[:300]]
+    for r in rows:  # no reference answers: this run exercises the reward-model judge
+        r.pop("reference", None)
     data = tmp / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = dict(
