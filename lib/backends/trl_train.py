@@ -163,7 +163,8 @@ def train_sft(handle: Any, rows: list[dict[str, Any]], *, output_dir: Path, lear
     args = SFTConfig(output_dir=str(output_dir), learning_rate=learning_rate, max_steps=max_steps,
                      per_device_train_batch_size=batch_size, max_length=max_length, seed=seed,
                      logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-                     completion_only_loss=True)
+                     completion_only_loss=True,
+                     **({"use_cpu": True, "bf16": False} if handle.device.type == "cpu" else {}))
     trainer = SFTTrainer(model=handle.model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=handle.tokenizer, callbacks=[_Progress()])
     trainer.train()
