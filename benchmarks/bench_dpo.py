@@ -3,7 +3,9 @@
 Same model (the default SmolLM2-135M-Instruct unless --model), same data (the shipped
 sample pairs), same TRL settings, same process. Prints:
 
-* bare: wall seconds and examples/s of a plain TRL run (reference forward every step);
+* bare: wall seconds and examples/s of a plain TRL run (reference forward every step),
+  both ``train()`` alone and the whole job a user runs (load, DPOTrainer init with its
+  tokenization, ``train()``, ``save_model()``) — the stage does all of these;
 * stage 5, cold: the stage with the KL monitor at its default interval, reference
   log-prob cache empty (TRL precomputes the reference log-probs, then trains);
 * stage 5, warm: the same stage again, the reference log-probs read from the cache;
@@ -74,6 +76,7 @@ def main() -> None:
     from trl import DPOTrainer
 
     backend = TRLBackend()
+    t_all = time.perf_counter()
     handle = backend.load(resolve_model(args.model))
     policy = copy.deepcopy(handle.model)
     targs = dpo_config(work / "bare", beta=0.1, loss_type="sigmoid", learning_rate=5e-6,
@@ -84,9 +87,12 @@ def main() -> None:
                          processing_class=handle.tokenizer)
     t0 = time.perf_counter()
     trainer.train()
-    bare = time.perf_counter() - t0
+    bare_train = time.perf_counter() - t0
+    trainer.save_model(str(work / "bare-model"))
+    bare = time.perf_counter() - t_all
     del trainer, policy
-    print(f"bare DPOTrainer.train():  {bare:7.1f} s  {n / bare:6.2f} examples/s")
+    print(f"bare DPOTrainer, train() only:        {bare_train:7.1f} s  {n / bare_train:6.2f} examples/s")
+    print(f"bare DPOTrainer, load+init+train+save: {bare:7.1f} s  {n / bare:6.2f} examples/s")
 
     # -- stage 5, cold then warm cache ---------------------------------------------------
     for name in ("cold", "warm"):
@@ -95,8 +101,8 @@ def main() -> None:
         wall = time.perf_counter() - t0
         v = next(s.verdict for s in status.stages if s.name == "dpo")
         cache = v.findings["ref_logp_cache"]
-        print(f"stage 5 ({name}):          {wall:7.1f} s  {n / wall:6.2f} examples/s  "
-              f"ratio {wall / bare:.3f}  cache hit {cache['hit']}  "
+        print(f"stage 5 ({name}), whole stage:         {wall:7.1f} s  {n / wall:6.2f} examples/s  "
+              f"ratio {wall / bare:.3f} (vs train() only {wall / bare_train:.3f})  cache hit {cache['hit']}  "
               f"precompute {cache['precompute_seconds'] or 0:.1f} s  "
               f"KL {v.gate('kl_divergence').value:.4f}  margin {v.gate('reward_margin').value:+.4f}  "
               f"checks {len(v.findings['checks'])}")

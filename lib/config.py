@@ -98,7 +98,7 @@ class DPOStageConfig(_Strict):
 class KLMonitorConfig(_Strict):
     """The live KL gate during DPO (see docs/dpo-optimization.md)."""
 
-    every: int = Field(10, ge=1, description="measure KL every N optimizer steps")
+    every: int = Field(20, ge=1, description="measure KL every N optimizer steps (each check: two policy forward passes over the probe)")
     probe_size: int = Field(16, ge=1, description="held-out pairs in the KL probe")
     on_breach: BreachPolicy = "rollback"
     max_breaches: int = Field(3, ge=1, description="breaches tolerated before stopping")
