@@ -35,6 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .data import detect_format
 from .errors import InputError
 
 #: Quantiles of the IFD distribution in a report.
@@ -260,20 +261,6 @@ def example_from_row(row: Any, file: str, line: int) -> Example:
                      "'prompt'+'chosen'", file=file, line=line)
 
 
-def _format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return "parquet"
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".json":
-        with path.open("rb") as fh:
-            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        return "json" if head.startswith(b"[") else "jsonl"
-    raise InputError(f"unknown format '{suffix or '(no extension)'}': use .jsonl, .json or .parquet",
-                     file=path)
-
-
 def read_examples(path: str | Path) -> tuple[list[Example], str, list[Any]]:
     """(examples, format, raw rows) of an SFT or preference file (JSONL, JSON array, Parquet).
 
@@ -284,7 +271,7 @@ def read_examples(path: str | Path) -> tuple[list[Example], str, list[Any]]:
     p = Path(path)
     if not p.is_file():
         raise InputError("file not found", file=p)
-    fmt = _format(p)
+    fmt = detect_format(p)  # the preference reader's rule: extension, then content
     examples: list[Example] = []
     if fmt == "parquet":
         import pyarrow.parquet as pq

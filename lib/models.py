@@ -103,12 +103,20 @@ def _materialize(src_dir: Path, gguf_file: str, target: Path) -> None:
     model.config.name_or_path = DEFAULT_MODEL
     model.config._name_or_path = DEFAULT_MODEL
 
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    _save_atomically(target, save, f"materialized from {GGUF_PACKAGE}/{gguf_file}")
+
+
+def _save_atomically(target: Path, save: Any, note: str) -> None:
+    """``save(tmp)`` into a temporary sibling, mark it complete, rename it to ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _COMPLETE_MARKER).write_text(f"materialized from {GGUF_PACKAGE}/{gguf_file}\n")
+        save(tmp)
+        (tmp / _COMPLETE_MARKER).write_text(note + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
         try:
             os.rename(tmp, target)
@@ -193,18 +201,7 @@ def default_tokenizer_path() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=gguf_file)
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            tokenizer.save_pretrained(tmp)
-            (tmp / _COMPLETE_MARKER).write_text(f"tokenizer from {GGUF_PACKAGE}/{gguf_file}\n")
-            os.chmod(tmp, 0o755)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not _is_complete(target):
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        _save_atomically(target, tokenizer.save_pretrained,
+                         f"tokenizer from {GGUF_PACKAGE}/{gguf_file}")
 
     return _build_once(target, build)
