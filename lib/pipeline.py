@@ -456,5 +456,3 @@ def metrics_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
 
         yield write
 
-
-_alive = pid_alive  # old private name, kept for callers written against it

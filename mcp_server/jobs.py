@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from realign.pipeline import RunBusyError, _alive, read_lock
+from realign.pipeline import RunBusyError, pid_alive, read_lock
 
 
 @dataclass
@@ -55,7 +55,7 @@ class JobManager:
             raise RunBusyError(f"{key} is busy: {job.describe()} is still running; poll "
                                f"run_status('{key.name}') and start again when it has finished")
         holder = read_lock(key)
-        if holder and _alive(holder.get("pid")):
+        if holder and pid_alive(holder.get("pid")):
             raise RunBusyError(f"{key} is busy: job '{holder.get('job')}' (pid {holder.get('pid')}, "
                                f"since {holder.get('since')}) is running on it")
 
