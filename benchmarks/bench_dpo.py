@@ -106,6 +106,12 @@ def main() -> None:
               f"precompute {cache['precompute_seconds'] or 0:.1f} s  "
               f"KL {v.gate('kl_divergence').value:.4f}  margin {v.gate('reward_margin').value:+.4f}  "
               f"checks {len(v.findings['checks'])}")
+        import json
+
+        logs = [json.loads(x) for x in (run_dir / "stages" / "5-dpo" / "metrics.jsonl").read_text().splitlines()]
+        runtime = next((r["train_runtime"] for r in logs if "train_runtime" in r), None)
+        print(f"    inside the stage: trainer init + train() {v.findings['train_seconds']:.1f} s, "
+              f"TRL train_runtime {runtime:.1f} s, the rest of the stage {wall - v.findings['train_seconds']:.1f} s")
     shutil.rmtree(work, ignore_errors=True)
 
 
