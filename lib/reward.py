@@ -23,9 +23,6 @@ the score: the head reads the last token). Training and scoring use the same fun
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -369,24 +366,13 @@ def train_reward_model(base: str | Path, rows: list[dict[str, Any]], *, output_d
 
 
 def save_reward_model(model: Any, tokenizer: Any, path: Path) -> Path:
-    """Save model (safetensors) + tokenizer to ``path`` atomically (temp folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    """Save model (safetensors) + tokenizer to ``path`` atomically, through the backend's
+    own save (temp folder, then rename; an existing folder is swapped out once complete)."""
+    from .backends.trl import ModelHandle, TRLBackend
+
+    device = next(model.parameters()).device
+    return TRLBackend().save(ModelHandle(model=model, tokenizer=tokenizer, device=device,
+                                         source="reward_model"), path)
 
 
 # ---------------------------------------------------------------------------- files
