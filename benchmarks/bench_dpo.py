@@ -112,6 +112,7 @@ def main() -> None:
         runtime = next((r["train_runtime"] for r in logs if "train_runtime" in r), None)
         print(f"    inside the stage: trainer init + train() {v.findings['train_seconds']:.1f} s, "
               f"TRL train_runtime {runtime:.1f} s, the rest of the stage {wall - v.findings['train_seconds']:.1f} s")
+        print("    breakdown (s): " + ", ".join(f"{k} {t:.1f}" for k, t in v.findings["timings"].items()))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -7,12 +7,27 @@ reference forward pass every step. :class:`CachedRefDPOTrainer` stores that resu
 ``$REALIGN_HOME/cache/ref_logps/<key>.npz`` where
 
     key = sha256(reference weights hash, tokenized dataset (prompt/chosen/rejected ids),
-                 ld_alpha, trl version)
+                 max_length, truncation_mode, ld_alpha, trl version)
 
 so a rerun, a resumed run or a later iteration against the same reference and data
 skips the precompute entirely. The weights hash is TRL's own ``hash_module`` of the
 reference (computed by TRL whenever precompute is on); the token ids cover the chat
-template, truncation and max-length settings.
+template; ``max_length`` and ``truncation_mode`` are applied later, by TRL's collator,
+so they are part of the key.
+
+On a cache miss in a single process the log-probs are computed by
+:func:`reference_logps` instead of TRL's loop, with the same result and less work:
+
+    log π_ref(y | x) = Σ_{t ∈ completion} log softmax(W h_{t-1})[y_t]
+
+over the completion tokens of the collated (truncated) sequence, where h is the frozen
+reference's last hidden state and W its LM head. Pairs are batched in order of length
+(less padding), and the LM head runs only at completion positions: TRL's fused head
+scores every position (prompt and padding included) on devices without Triton, and when
+no ``ref_model`` is passed it precomputes with the policy, whose head also computes the
+entropy/top-1 metrics. Models whose head transforms the logits (soft-capping, logit
+scaling) and length-desensitized DPO (``ld_alpha``) keep TRL's own computation, as does
+distributed training (TRL shards the precompute across ranks).
 """
 
 from __future__ import annotations
@@ -62,6 +77,48 @@ def _dataset_digest(dataset: Any, columns: list[str]) -> str:
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
+#: Config fields that make a model's LM head transform its logits: such models keep TRL's
+#: fused head (which applies them) for the reference log-probs.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                     "lm_head_multiplier", "logits_scaling")
+
+
+def fast_reference_supported(model: Any) -> bool:
+    """True when :func:`reference_logps` computes exactly what TRL would for ``model``:
+    a plain (non-PEFT) causal LM whose logits are ``W h (+ b)`` with no transform."""
+    if hasattr(model, "peft_config") or not hasattr(model, "get_output_embeddings"):
+        return False
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any(getattr(cfg, k, None) is not None for k in _LOGIT_TRANSFORMS):
+        return False
+    backbone = getattr(model, "base_model", None)
+    return backbone is not None and backbone is not model and model.get_output_embeddings() is not None
+
+
+def reference_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Summed completion log-probs of a collated DPO batch (TRL's layout: the first half
+    of the rows are prompt+chosen, the second half prompt+rejected, right-padded), as
+    ``(chosen, rejected)`` tensors of shape ``[pairs]``.
+
+    ``logp_i = Σ_t m_{i,t} · log softmax(W h_{i,t-1} + b)[x_{i,t}]`` with ``m`` the
+    collator's completion mask; the LM head is applied only where ``m = 1``.
+    """
+    import torch
+
+    ids, attn, cmask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        target = cmask[:, 1:].bool()
+        h = hidden[:, :-1][target]
+        head = model.get_output_embeddings()
+        logits = head(h.to(head.weight.dtype)).float()
+        tok = ids[:, 1:][target]
+        logp = logits.log_softmax(-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        rows = torch.arange(ids.size(0), device=ids.device).unsqueeze(1).expand_as(target)[target]
+        sums = torch.zeros(ids.size(0), dtype=torch.float32, device=ids.device).index_add_(0, rows, logp)
+    return sums.chunk(2, dim=0)
+
+
 def make_dpo_trainer_class() -> type:
     """Build the DPOTrainer subclass lazily (TRL is imported only when training)."""
     import numpy as np
@@ -76,11 +133,18 @@ def make_dpo_trainer_class() -> type:
         ref_cache_hits = 0
         ref_cache_misses = 0
         ref_cache_seconds = 0.0
+        ref_precompute_method: str | None = None  # "realign" (reference_logps) or "trl"
+
+        def __init__(self, *args: Any, ref_progress: Callable[[int, int], None] | None = None,
+                     **kwargs: Any) -> None:
+            self.ref_progress = ref_progress  # (done, total) pairs during a precompute
+            super().__init__(*args, **kwargs)
 
         def ref_cache_key(self, dataset: Any) -> str:
             parts = [
                 str(self._precompute_model_hash),
                 _dataset_digest(dataset, ["prompt_ids", "chosen_ids", "rejected_ids"]),
+                str(self.args.max_length), str(self.args.truncation_mode),
                 str(getattr(self.args, "ld_alpha", None)),
                 trl.__version__,
             ]
@@ -101,7 +165,15 @@ def make_dpo_trainer_class() -> type:
                     self.ref_cache_path = path
                     return concatenate_datasets([dataset, Dataset.from_dict(cols)], axis=1)
             t0 = time.perf_counter()
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            model = self.ref_model or self.model
+            if (self.accelerator.num_processes == 1 and not self.is_deepspeed_enabled
+                    and not self.is_fsdp_enabled and self.ld_alpha is None
+                    and fast_reference_supported(model)):
+                out = self._sorted_ref_logps(model, dataset, batch_size)
+                self.ref_precompute_method = "realign"
+            else:
+                out = super()._precompute_ref_logps(dataset, name, batch_size)
+                self.ref_precompute_method = "trl"
             self.ref_cache_seconds = time.perf_counter() - t0
             type(self).ref_cache_misses += 1
             self.ref_cache_hit = False
@@ -113,6 +185,35 @@ def make_dpo_trainer_class() -> type:
                 os.replace(tmp, path)
             self.ref_cache_path = path
             return out
+
+        def _sorted_ref_logps(self, model: Any, dataset: Any, batch_size: int) -> Any:
+            """Reference log-probs of every pair by :func:`reference_logps`, in batches of
+            similar length, through TRL's own collator (same truncation and layout)."""
+            import torch
+
+            cols = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+            lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+                       zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])]
+            order = sorted(range(len(lengths)), key=lengths.__getitem__)
+            chosen = torch.empty(len(order), dtype=torch.float32)
+            rejected = torch.empty(len(order), dtype=torch.float32)
+            device = next(model.parameters()).device
+            was_training = model.training
+            model.eval()
+            try:
+                for k in range(0, len(order), batch_size):
+                    idx = order[k:k + batch_size]
+                    batch = self.data_collator([cols[i] for i in idx])
+                    batch = {key: v.to(device) for key, v in batch.items()}
+                    with self.accelerator.autocast():  # as TRL's own reference forward
+                        c, r = reference_logps(model, batch)
+                    chosen[idx], rejected[idx] = c.cpu(), r.cpu()
+                    if self.ref_progress:
+                        self.ref_progress(min(k + batch_size, len(order)), len(order))
+            finally:
+                model.train(was_training)
+            return concatenate_datasets([dataset, Dataset.from_dict(
+                {"ref_chosen_logps": chosen.tolist(), "ref_rejected_logps": rejected.tolist()})], axis=1)
 
     return CachedRefDPOTrainer
 

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,7 @@ class KLMonitor:
         self.best: tuple[float, int, dict[str, Any]] | None = None  # (margin, step, weights)
         self.actions: list[dict[str, Any]] = []
         self.trainer: Any = None
+        self.check_seconds = 0.0  # wall time spent in checks (measure + snapshot/restore)
 
     # -- measurement -------------------------------------------------------------
     def measure(self, model: Any, step: int) -> dict[str, Any]:
@@ -194,6 +197,14 @@ class KLMonitor:
     # -- policy --------------------------------------------------------------------
     def check(self, model: Any, step: int, optimizer: Any = None, scheduler: Any = None,
               control: Any = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            return self._check(model, step, optimizer, scheduler, control)
+        finally:
+            self.check_seconds += time.perf_counter() - t0
+
+    def _check(self, model: Any, step: int, optimizer: Any, scheduler: Any,
+               control: Any) -> dict[str, Any]:
         rec = _from_rank0(self.measure(model, step))
         if rec["passed"]:
             weights = self.snapshot(model)
@@ -273,6 +284,16 @@ class KLMonitor:
         return _CB()
 
 
+@contextmanager
+def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall seconds of the block to ``timings[name]`` (the stage's time breakdown)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
 def _from_rank0(rec: dict[str, Any]) -> dict[str, Any]:
     """Under DDP every rank measures the same replica on the same probe; rank 0's numbers
     are broadcast so that every rank takes the same breach decision."""
@@ -321,16 +342,19 @@ def run(ctx: RunContext) -> StageVerdict:
     train_rows = read_jsonl(Path(train_path))
     probe = read_jsonl(Path(probe_path))
 
+    timings: dict[str, float] = {}
     ctx.progress(0, None, "loading reference and policy")
-    ref = backend.load(base, device=cfg.device)
-    for p in ref.model.parameters():
-        p.requires_grad_(False)
-    policy = make_policy(ref.model, d.lora)
+    with _phase(timings, "load"):
+        ref = backend.load(base, device=cfg.device)
+        for p in ref.model.parameters():
+            p.requires_grad_(False)
+        policy = make_policy(ref.model, d.lora)
     threshold = ctx.thresholds.get("kl_divergence")
     warnings: list[str] = []
 
     with metrics_log(out / "metrics.jsonl") as log:
         rp_path = ctx.artifact("reference_init", "reference_probe")
+        t_monitor = time.perf_counter()
         reference_probe = (torch.load(rp_path, weights_only=False)
                            if rp_path and Path(rp_path).exists() else None)
         monitor = KLMonitor(backend=backend, ref=ref, probe=probe, beta=d.beta, threshold=threshold,
@@ -339,6 +363,7 @@ def run(ctx: RunContext) -> StageVerdict:
                             batch_size=cfg.kl_monitor.batch_size, max_length=d.max_length,
                             log=log, progress=ctx.progress, reference_probe=reference_probe,
                             initial_kl=ctx.artifact("reference_init", "initial_kl"))
+        timings["monitor_init"] = time.perf_counter() - t_monitor
         length_prompts = [r["prompt"] for r in probe[:LENGTH_PROBE_PROMPTS]]
         ref_answers = monitor.ref_answers
 
@@ -365,18 +390,30 @@ def run(ctx: RunContext) -> StageVerdict:
                           extra=d.extra)
         trainer_cls = make_dpo_trainer_class()
         t0 = time.perf_counter()
-        trainer = trainer_cls(model=policy, args=args, train_dataset=dataset,
-                              processing_class=ref.tokenizer, callbacks=[monitor.callback()])
+        # The frozen reference we hold anyway is TRL's ref_model (one process, no LoRA):
+        # the precompute then runs it, not the policy, and no second copy is loaded.
+        single = world_size() == 1  # (under FSDP/ZeRO-3 TRL would shard a passed reference)
+        trainer = trainer_cls(model=policy, ref_model=ref.model if single and not d.lora else None,
+                              args=args,
+                              train_dataset=dataset, processing_class=ref.tokenizer,
+                              callbacks=[monitor.callback()],
+                              ref_progress=lambda i, n: ctx.progress(i, n, "reference log-probs"))
         monitor.trainer = trainer
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl, not stdout
         cache = {"hit": trainer.ref_cache_hit, "path": str(getattr(trainer, "ref_cache_path", "")),
-                 "precompute_seconds": trainer.ref_cache_seconds}
+                 "precompute_seconds": trainer.ref_cache_seconds,
+                 "method": trainer.ref_precompute_method}
         ckpts = sorted((out / "checkpoints").glob("checkpoint-*"),
                        key=lambda p: int(p.name.split("-")[-1]))
+        timings["trainer_init"] = time.perf_counter() - t0 - (trainer.ref_cache_seconds or 0.0)
+        timings["ref_precompute"] = trainer.ref_cache_seconds or 0.0
+        t_train = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
         train_seconds = time.perf_counter() - t0
+        timings["kl_checks"] = monitor.check_seconds
+        timings["train"] = time.perf_counter() - t_train - monitor.check_seconds
 
         model = trainer.model
         final: dict[str, Any]
@@ -388,9 +425,10 @@ def run(ctx: RunContext) -> StageVerdict:
             final = monitor.checks[-1]
             warnings.append("no check passed the KL gate: the final model is the last state")
 
-        policy_answers = backend.generate(
-            type(ref)(model=model, tokenizer=ref.tokenizer, device=ref.device, source="policy"),
-            length_prompts, max_new_tokens=LENGTH_PROBE_TOKENS)
+        with _phase(timings, "length_probe"):
+            policy_answers = backend.generate(
+                type(ref)(model=model, tokenizer=ref.tokenizer, device=ref.device, source="policy"),
+                length_prompts, max_new_tokens=LENGTH_PROBE_TOKENS)
         ref_len, pol_len = _mean_words(ref_answers), _mean_words(policy_answers)
         log({"event": "length_probe", "reference_words": ref_len, "policy_words": pol_len})
 
@@ -399,8 +437,9 @@ def run(ctx: RunContext) -> StageVerdict:
     handle = type(ref)(model=model, tokenizer=ref.tokenizer, device=ref.device, source="dpo")
     saved = out / "model"
     if is_main_process():
-        backend.save(handle, saved)
-        write_json_atomic(out / "checks.json", monitor.checks)
+        with _phase(timings, "save"):
+            backend.save(handle, saved)
+            write_json_atomic(out / "checks.json", monitor.checks)
 
     # detectors
     w = detect_displacement(monitor.checks)
@@ -443,7 +482,9 @@ def run(ctx: RunContext) -> StageVerdict:
         "examples_per_second": (steps_per_s * d.batch_size * d.gradient_accumulation_steps
                                 if steps_per_s else None),
     }
-    artifacts = {"model": str(saved),
-                 "model_digest": file_digest(saved) if is_main_process() else None,
-                 "metrics": str(out / "metrics.jsonl")}
+    with _phase(timings, "digest"):
+        artifacts = {"model": str(saved),
+                     "model_digest": file_digest(saved) if is_main_process() else None,
+                     "metrics": str(out / "metrics.jsonl")}
+    findings["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return make_verdict(NAME, gates, ctx.thresholds, findings, artifacts, warnings)
