@@ -102,7 +102,8 @@ class KLMonitor:
                  threshold: float, every: int, on_breach: str, max_breaches: int,
                  batch_size: int, max_length: int, log: Any, progress: Any,
                  reference_probe: dict[str, Any] | None = None,
-                 initial_kl: float | None = None) -> None:
+                 initial_kl: float | None = None,
+                 reference_weights: dict[str, Any] | None = None) -> None:
         from ..backends.trl import ReferenceDistributions, encode_pair
 
         self.backend, self.ref = backend, ref
@@ -111,6 +112,9 @@ class KLMonitor:
         self.batch_size, self.max_length = batch_size, max_length
         self.log, self.progress = log, progress
         self.initial_kl = initial_kl
+        # the policy's step-0 weights when they are the frozen reference's (full fine-tuning):
+        # held by reference instead of a second copy
+        self.reference_weights = reference_weights
         tok = ref.tokenizer
         self.chosen_enc = [encode_pair(tok, r["prompt"], r["chosen"], max_length) for r in probe]
         self.rejected_enc = [encode_pair(tok, r["prompt"], r["rejected"], max_length) for r in probe]
@@ -174,7 +178,10 @@ class KLMonitor:
                "heldout_margin": 0.0, "heldout_margin_ci95": [0.0, 0.0],
                "heldout_accuracy": 0.0, "heldout_chosen_logp": sum(self.ref_c) / n,
                "passed": float(self.initial_kl) <= self.threshold, "source": "stage 3"}
-        weights = self.snapshot(model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        rw = self.reference_weights
+        weights = ({n: rw[n].detach() for n in trainable} if rw is not None and trainable <= rw.keys()
+                   else self.snapshot(model))
         self.last_good = weights
         self.best = (0.0, 0, weights)
         self.checks.append(rec)
@@ -362,7 +369,8 @@ def run(ctx: RunContext) -> StageVerdict:
                             max_breaches=cfg.kl_monitor.max_breaches,
                             batch_size=cfg.kl_monitor.batch_size, max_length=d.max_length,
                             log=log, progress=ctx.progress, reference_probe=reference_probe,
-                            initial_kl=ctx.artifact("reference_init", "initial_kl"))
+                            initial_kl=ctx.artifact("reference_init", "initial_kl"),
+                            reference_weights=None if d.lora else dict(ref.model.named_parameters()))
         timings["monitor_init"] = time.perf_counter() - t_monitor
         length_prompts = [r["prompt"] for r in probe[:LENGTH_PROBE_PROMPTS]]
         ref_answers = monitor.ref_answers
