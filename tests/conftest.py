@@ -14,3 +14,49 @@ def tiny_model_path(tmp_path_factory):
     from realign.testing import tiny_model
 
     return tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the module (reproducible timings and batch independence)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def rejected_run(tmp_path):
+    """Build a hand-written run directory whose stage 7 rejected the stage-5 policy:
+    ``rejected_run(checks, checkpoint_steps, stages=None)`` writes stage 1 (the baseline
+    model ``tmp_path/base``), stage 5 (its KL ``checks``, selected step 20, an on-disk
+    checkpoint per step) and stage 7 (decision reject), and returns the run directory."""
+    from realign.config import RunConfig
+    from realign.gates import Thresholds, make_verdict
+    from realign.pipeline import create_run, write_json_atomic
+
+    def build(checks, checkpoint_steps, stages=None):
+        t = Thresholds()
+        (tmp_path / "base").mkdir()
+        extra = {"stages": stages} if stages else {}
+        run = create_run(RunConfig(data=str(tmp_path / "x.jsonl"), model=str(tmp_path / "base"),
+                                   output_dir=str(tmp_path / "runs"), run_id="rb", **extra))
+        write_json_atomic(run / "stages" / "1-sft_baseline" / "verdict.json", make_verdict(
+            "sft_baseline", [], t, artifacts={"model": str(tmp_path / "base")}))
+        d5 = run / "stages" / "5-dpo"
+        for step in checkpoint_steps:
+            ck = d5 / "checkpoints" / f"checkpoint-{step}"
+            ck.mkdir(parents=True)
+            (ck / "model.safetensors").write_bytes(b"x")
+        write_json_atomic(d5 / "verdict.json", make_verdict("dpo", [], t, findings={
+            "checks": checks, "selected_step": 20}, artifacts={"model": str(d5 / "model")}))
+        gates = [t.evaluate("capability_retention", 0.5),
+                 t.evaluate("worst_benchmark_retention", 0.4), t.evaluate("win_rate", 0.6)]
+        write_json_atomic(run / "stages" / "7-evaluation" / "verdict.json", make_verdict(
+            "evaluation", gates, t, findings={"decision": "reject", "reasons": ["retention"],
+                                              "evaluated_model": str(d5 / "model")}))
+        return run
+
+    return build

@@ -28,16 +28,6 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------- pure
 
 

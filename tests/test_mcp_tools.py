@@ -275,34 +275,12 @@ async def test_calibrate_hardware(tiny_model_path: Path, tmp_path: Path, one_thr
 
 # --------------------------------------------------------------------------- rollback, report
 @pytest.fixture()
-def failed_run(tmp_path: Path) -> Path:
+def failed_run(rejected_run) -> Path:
     """A run whose stage 7 rejected the policy; two stage-5 checkpoints passed the KL gate."""
-    from realign.config import RunConfig
-    from realign.pipeline import create_run, write_json_atomic
-
-    t = Thresholds()
-    (tmp_path / "base").mkdir()
-    run = create_run(RunConfig(data=str(tmp_path / "x.jsonl"), model=str(tmp_path / "base"),
-                               output_dir=str(tmp_path / "runs"), run_id="rb",
-                               stages=["sft_baseline", "dpo", "evaluation"]))
-    write_json_atomic(run / "stages" / "1-sft_baseline" / "verdict.json", make_verdict(
-        "sft_baseline", [], t, artifacts={"model": str(tmp_path / "base")}))
-    d5 = run / "stages" / "5-dpo"
     checks = [{"step": 10, "kl": 0.05, "heldout_margin": 0.3, "passed": True},
               {"step": 20, "kl": 0.08, "heldout_margin": 0.5, "passed": True},
               {"step": 30, "kl": 0.09, "heldout_margin": 0.4, "passed": True}]
-    for step in (10, 20, 30):
-        ck = d5 / "checkpoints" / f"checkpoint-{step}"
-        ck.mkdir(parents=True)
-        (ck / "model.safetensors").write_bytes(b"x")
-    write_json_atomic(d5 / "verdict.json", make_verdict("dpo", [], t, findings={
-        "checks": checks, "selected_step": 20}, artifacts={"model": str(d5 / "model")}))
-    gates = [t.evaluate("capability_retention", 0.5), t.evaluate("worst_benchmark_retention", 0.4),
-             t.evaluate("win_rate", 0.6)]
-    write_json_atomic(run / "stages" / "7-evaluation" / "verdict.json", make_verdict(
-        "evaluation", gates, t, findings={"decision": "reject", "reasons": ["retention"],
-                                          "evaluated_model": str(d5 / "model")}))
-    return run
+    return rejected_run(checks, (10, 20, 30), stages=["sft_baseline", "dpo", "evaluation"])
 
 
 def stub_assess(monkeypatch: pytest.MonkeyPatch, passing: set[str], calls: list[str]) -> None:

@@ -9,40 +9,19 @@ from pathlib import Path
 import pytest
 
 import realign.stages.evaluation as s7
-from realign.config import RunConfig
 from realign.errors import InputError
-from realign.gates import Thresholds, make_verdict
-from realign.pipeline import create_run, write_json_atomic
+from realign.gates import Thresholds
 from realign.rollback import deployed_model, rollback, rollback_candidates
 
 
 @pytest.fixture()
-def run_dir(tmp_path) -> Path:
-    t = Thresholds()
-    run = create_run(RunConfig(data=str(tmp_path / "x.jsonl"), model=str(tmp_path / "base"),
-                               output_dir=str(tmp_path / "runs"), run_id="rb"))
-    (tmp_path / "base").mkdir()
-    d1 = run / "stages" / "1-sft_baseline"
-    write_json_atomic(d1 / "verdict.json", make_verdict("sft_baseline", [], t, artifacts={
-        "model": str(tmp_path / "base")}))
-    d5 = run / "stages" / "5-dpo"
+def run_dir(rejected_run) -> Path:
     checks = [{"step": 0, "kl": 0.0, "heldout_margin": 0.0, "passed": True},
               {"step": 10, "kl": 0.05, "heldout_margin": 0.3, "passed": True},
               {"step": 20, "kl": 0.08, "heldout_margin": 0.5, "passed": True},
               {"step": 30, "kl": 0.2, "heldout_margin": 0.9, "passed": False},
               {"step": 40, "kl": 0.09, "heldout_margin": 0.4, "passed": True}]
-    for step in (20, 30, 40, 50):
-        ck = d5 / "checkpoints" / f"checkpoint-{step}"
-        ck.mkdir(parents=True)
-        (ck / "model.safetensors").write_bytes(b"x")
-    write_json_atomic(d5 / "verdict.json", make_verdict("dpo", [], t, findings={
-        "checks": checks, "selected_step": 20}, artifacts={"model": str(d5 / "model")}))
-    gates = [t.evaluate("capability_retention", 0.5), t.evaluate("worst_benchmark_retention", 0.4),
-             t.evaluate("win_rate", 0.6)]
-    write_json_atomic(run / "stages" / "7-evaluation" / "verdict.json", make_verdict(
-        "evaluation", gates, t, findings={"decision": "reject", "reasons": ["retention"],
-                                          "evaluated_model": str(d5 / "model")}))
-    return run
+    return rejected_run(checks, (20, 30, 40, 50))
 
 
 def test_candidates_order(run_dir):

@@ -130,16 +130,6 @@ def test_winrate_prompts_order_and_dedupe():
 # ----------------------------------------------------------------------------- tiny model
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _config(tmp: Path, model: Path, **changes):
     from realign.config import RunConfig
 
