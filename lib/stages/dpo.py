@@ -361,17 +361,16 @@ def run(ctx: RunContext) -> StageVerdict:
 
     with metrics_log(out / "metrics.jsonl") as log:
         rp_path = ctx.artifact("reference_init", "reference_probe")
-        t_monitor = time.perf_counter()
-        reference_probe = (torch.load(rp_path, weights_only=False)
-                           if rp_path and Path(rp_path).exists() else None)
-        monitor = KLMonitor(backend=backend, ref=ref, probe=probe, beta=d.beta, threshold=threshold,
-                            every=cfg.kl_monitor.every, on_breach=cfg.kl_monitor.on_breach,
-                            max_breaches=cfg.kl_monitor.max_breaches,
-                            batch_size=cfg.kl_monitor.batch_size, max_length=d.max_length,
-                            log=log, progress=ctx.progress, reference_probe=reference_probe,
-                            initial_kl=ctx.artifact("reference_init", "initial_kl"),
-                            reference_weights=None if d.lora else dict(ref.model.named_parameters()))
-        timings["monitor_init"] = time.perf_counter() - t_monitor
+        with _phase(timings, "monitor_init"):
+            reference_probe = (torch.load(rp_path, weights_only=False)
+                               if rp_path and Path(rp_path).exists() else None)
+            monitor = KLMonitor(backend=backend, ref=ref, probe=probe, beta=d.beta, threshold=threshold,
+                                every=cfg.kl_monitor.every, on_breach=cfg.kl_monitor.on_breach,
+                                max_breaches=cfg.kl_monitor.max_breaches,
+                                batch_size=cfg.kl_monitor.batch_size, max_length=d.max_length,
+                                log=log, progress=ctx.progress, reference_probe=reference_probe,
+                                initial_kl=ctx.artifact("reference_init", "initial_kl"),
+                                reference_weights=None if d.lora else dict(ref.model.named_parameters()))
         length_prompts = [r["prompt"] for r in probe[:LENGTH_PROBE_PROMPTS]]
         ref_answers = monitor.ref_answers
 
@@ -379,7 +378,7 @@ def run(ctx: RunContext) -> StageVerdict:
         needed = d.max_steps * d.batch_size * d.gradient_accumulation_steps * world \
             if d.max_steps > 0 else None
         dataset = _train_dataset(train_rows, needed, cfg.seed)
-        if world_size() > 1:
+        if world > 1:
             # TRL keeps precomputed reference log-probs beside the dataset's cache files;
             # an in-memory dataset has them in a per-process temp folder, which the other
             # ranks cannot read. A dataset on disk is shared by all ranks.
@@ -400,10 +399,10 @@ def run(ctx: RunContext) -> StageVerdict:
         t0 = time.perf_counter()
         # The frozen reference we hold anyway is TRL's ref_model (one process, no LoRA):
         # the precompute then runs it, not the policy, and no second copy is loaded.
-        single = world_size() == 1  # (under FSDP/ZeRO-3 TRL would shard a passed reference)
-        trainer = trainer_cls(model=policy, ref_model=ref.model if single and not d.lora else None,
-                              args=args,
-                              train_dataset=dataset, processing_class=ref.tokenizer,
+        # (with several processes TRL would shard a passed reference under FSDP/ZeRO-3)
+        trainer = trainer_cls(model=policy,
+                              ref_model=ref.model if world == 1 and not d.lora else None,
+                              args=args, train_dataset=dataset, processing_class=ref.tokenizer,
                               callbacks=[monitor.callback()],
                               ref_progress=lambda i, n: ctx.progress(i, n, "reference log-probs"))
         monitor.trainer = trainer
@@ -415,8 +414,8 @@ def run(ctx: RunContext) -> StageVerdict:
                  "method": trainer.ref_precompute_method}
         ckpts = sorted((out / "checkpoints").glob("checkpoint-*"),
                        key=lambda p: int(p.name.split("-")[-1]))
-        timings["trainer_init"] = time.perf_counter() - t0 - (trainer.ref_cache_seconds or 0.0)
-        timings["ref_precompute"] = trainer.ref_cache_seconds or 0.0
+        timings["ref_precompute"] = trainer.ref_cache_seconds  # 0.0 on a cache hit
+        timings["trainer_init"] = time.perf_counter() - t0 - timings["ref_precompute"]
         t_train = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
         train_seconds = time.perf_counter() - t0
