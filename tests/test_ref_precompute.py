@@ -112,3 +112,48 @@ def test_without_a_reference_model_the_policy_is_the_reference(setup, tmp_path, 
     assert without.model.training  # the policy goes back to train mode
     torch.testing.assert_close(torch.tensor(without.train_dataset["ref_chosen_logps"]),
                                torch.tensor(with_ref.train_dataset["ref_chosen_logps"]))
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_completion_only_head_gives_trls_loss_and_gradients(setup, monkeypatch, precompute):
+    """Stage 5's trainer scores only completion positions on CPU; TRL's default there
+    scores every position. Loss, metrics and gradients must be the same, the number of
+    positions projected must be the completion tokens, and TRL's switch restored after."""
+    import trl.trainer.utils as tu
+    from trl import DPOTrainer
+
+    trainer = setup(precompute=precompute)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    n_completion = int(batch["completion_mask"][:, 1:].sum())
+    n_positions = batch["input_ids"].size(0) * (batch["input_ids"].size(1) - 1)
+    assert n_completion < n_positions  # the batch has prompt and padding positions
+    seen: list[int] = []
+    apply = tu._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply",
+                        lambda h, *a: (seen.append(h.size(0)), apply(h, *a))[1])
+    original = tu._use_triton
+
+    def loss_and_grads(fn):
+        trainer.model.zero_grad()
+        trainer._metrics["train"].clear()
+        trainer._total_train_tokens = 0  # a running count, not per batch
+        loss = fn(trainer, trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        return loss.detach(), grads, metrics
+
+    ours = loss_and_grads(type(trainer).compute_loss)
+    assert tu._use_triton is original and trainer.lm_head_positions == "completion"
+    ours_seen, seen[:] = list(seen), []
+    theirs = loss_and_grads(DPOTrainer.compute_loss)
+    per_forward = 1 if precompute else 2  # the live reference forward is compact too
+    assert ours_seen == [n_completion] * per_forward
+    assert seen == [n_positions] * per_forward
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) > 0
+    for name in ours[1]:
+        torch.testing.assert_close(ours[1][name], theirs[1][name], rtol=1e-4, atol=1e-6)
+    assert ours[2].keys() == theirs[2].keys() and "entropy" in ours[2]
+    for k in ours[2]:
+        assert ours[2][k] == pytest.approx(theirs[2][k], rel=1e-4, abs=1e-6), k

@@ -28,6 +28,9 @@ no ``ref_model`` is passed it precomputes with the policy, whose head also compu
 entropy/top-1 metrics. Models whose head transforms the logits (soft-capping, logit
 scaling) and length-desensitized DPO (``ld_alpha``) keep TRL's own computation, as does
 distributed training (TRL shards the precompute across ranks).
+
+The training steps use TRL's own loss, with its fused LM head restricted to the
+completion positions on CPU as TRL already does on CUDA (:func:`completion_only_lm_head`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +123,37 @@ def reference_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     return sums.chunk(2, dim=0)
 
 
+@contextmanager
+def completion_only_lm_head(device: Any) -> Iterator[bool]:
+    """Within the block, TRL's fused LM head scores only the completion positions on a
+    CPU ``device`` (the positions whose label is not -100), as it does on CUDA.
+
+    TRL (``trl.trainer.utils.add_fused_lm_head``) projects only those positions when
+    ``_use_triton(device)`` is true and scores every position (prompt and padding too)
+    elsewhere, to keep tile shapes fixed for compiled backends such as Neuron. Eager CPU
+    has no such constraint, and the masked positions are discarded anyway (the loss and
+    every metric are computed over completion tokens only), so the result is the same:
+    the logits of the other positions are never used. On a DPO step of the default model
+    (batch 8, length 128) this cuts the step by a third to a half (``benchmarks/bench_dpo.py``).
+
+    This switches TRL's private ``_use_triton`` predicate for the head's *shape* decision
+    only (the kernel choice lives in ``trl.kernels.chunked_logprob`` and is untouched),
+    and restores it on exit. Yields True when the switch is in effect; False (a no-op)
+    for other devices or a TRL without that predicate.
+    """
+    import trl.trainer.utils as tu
+
+    original = getattr(tu, "_use_triton", None)
+    if original is None or getattr(device, "type", None) != "cpu":
+        yield False
+        return
+    tu._use_triton = lambda d: d.type == "cpu" or original(d)
+    try:
+        yield True
+    finally:
+        tu._use_triton = original
+
+
 def make_dpo_trainer_class() -> type:
     """Build the DPOTrainer subclass lazily (TRL is imported only when training)."""
     import numpy as np
@@ -134,11 +169,20 @@ def make_dpo_trainer_class() -> type:
         ref_cache_misses = 0
         ref_cache_seconds = 0.0
         ref_precompute_method: str | None = None  # "realign" (reference_logps) or "trl"
+        lm_head_positions: str | None = None  # "completion" or "trl-default" (see compute_loss)
 
         def __init__(self, *args: Any, ref_progress: Callable[[int, int], None] | None = None,
                      **kwargs: Any) -> None:
             self.ref_progress = ref_progress  # (done, total) pairs during a precompute
             super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            """TRL's loss, with the LM head applied only at completion positions on CPU
+            (:func:`completion_only_lm_head`); same loss, metrics and gradients."""
+            with completion_only_lm_head(self.accelerator.device) as compact:
+                self.lm_head_positions = "completion" if compact else "trl-default"
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def ref_cache_key(self, dataset: Any) -> str:
             parts = [

@@ -485,6 +485,7 @@ def run(ctx: RunContext) -> StageVerdict:
         "selected_step": final["step"], "global_step": trainer.state.global_step,
         "length_probe": {"reference_words": ref_len, "policy_words": pol_len},
         "ref_logp_cache": cache,
+        "lm_head_positions": trainer.lm_head_positions,
         "train_seconds": train_seconds,
         "examples_per_second": (steps_per_s * d.batch_size * d.gradient_accumulation_steps
                                 if steps_per_s else None),
