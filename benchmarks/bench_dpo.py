@@ -200,7 +200,7 @@ def main() -> None:
           f"ratio vs bare train() {cold / bare_train:.3f}, vs bare job {cold / bare_job:.3f}  (target ≤ 1.05)")
     print(f"  stage 5 warm:              {warm:7.1f} s ({n / warm:.2f} examples/s)  "
           f"ratio vs bare train() {warm / bare_train:.3f}, vs bare job {warm / bare_job:.3f}  "
-          f"(target ≤ {1 - share:.3f})")
+          f"(target ≤ {1 - share:.3f}); vs TRL precompute-mode train() {warm / pre_train:.3f}")
     print("  median optimizer step (s): " + ", ".join(
         f"{v} {statistics.median(statistics.median(r['steps']) for r in results[v]):.2f}"  # type: ignore[arg-type]
         for v in VARIANTS))
