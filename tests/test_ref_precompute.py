@@ -157,3 +157,25 @@ def test_completion_only_head_gives_trls_loss_and_gradients(setup, monkeypatch, 
     assert ours[2].keys() == theirs[2].keys() and "entropy" in ours[2]
     for k in ours[2]:
         assert ours[2][k] == pytest.approx(theirs[2][k], rel=1e-4, abs=1e-6), k
+
+
+def test_trl_precompute_fallback_uses_the_completion_only_head(setup, monkeypatch):
+    """Where realign's own precompute does not apply (here forced), TRL's precompute runs
+    under the completion-only head: the same numbers as TRL's default, fewer positions."""
+    import trl.trainer.utils as tu
+    from trl import DPOTrainer
+
+    monkeypatch.setattr(tt, "fast_reference_supported", lambda model: False)
+    seen: list[int] = []
+    apply = tu._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply",
+                        lambda h, *a: (seen.append(h.size(0)), apply(h, *a))[1])
+    ours = setup()
+    assert ours.ref_precompute_method == "trl" and ours.ref_cache_hit is False
+    ours_positions, seen[:] = sum(seen), []
+    ds = ours.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    trl_out = DPOTrainer._precompute_ref_logps(ours, ds, "train", 4)
+    assert 0 < ours_positions < sum(seen)
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(torch.tensor(ours.train_dataset[col]),
+                                   torch.tensor(trl_out[col]), rtol=1e-6, atol=1e-5)

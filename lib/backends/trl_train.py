@@ -216,7 +216,8 @@ def make_dpo_trainer_class() -> type:
                 out = self._sorted_ref_logps(model, dataset, batch_size)
                 self.ref_precompute_method = "realign"
             else:
-                out = super()._precompute_ref_logps(dataset, name, batch_size)
+                with completion_only_lm_head(self.accelerator.device):
+                    out = super()._precompute_ref_logps(dataset, name, batch_size)
                 self.ref_precompute_method = "trl"
             self.ref_cache_seconds = time.perf_counter() - t0
             type(self).ref_cache_misses += 1
