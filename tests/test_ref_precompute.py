@@ -114,8 +114,21 @@ def test_without_a_reference_model_the_policy_is_the_reference(setup, tmp_path, 
                                torch.tensor(with_ref.train_dataset["ref_chosen_logps"]))
 
 
+@pytest.fixture()
+def head_rows(monkeypatch) -> list[int]:
+    """The number of positions (rows of hidden states) TRL's fused LM head projects, one
+    entry per call, recorded from the call into its chunked log-prob function."""
+    import trl.trainer.utils as tu
+
+    seen: list[int] = []
+    apply = tu._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply",
+                        lambda h, *a: (seen.append(h.size(0)), apply(h, *a))[1])
+    return seen
+
+
 @pytest.mark.parametrize("precompute", [True, False])
-def test_completion_only_head_gives_trls_loss_and_gradients(setup, monkeypatch, precompute):
+def test_completion_only_head_gives_trls_loss_and_gradients(setup, head_rows, precompute):
     """Stage 5's trainer scores only completion positions on CPU; TRL's default there
     scores every position. Loss, metrics and gradients must be the same, the number of
     positions projected must be the completion tokens, and TRL's switch restored after."""
@@ -127,10 +140,6 @@ def test_completion_only_head_gives_trls_loss_and_gradients(setup, monkeypatch, 
     n_completion = int(batch["completion_mask"][:, 1:].sum())
     n_positions = batch["input_ids"].size(0) * (batch["input_ids"].size(1) - 1)
     assert n_completion < n_positions  # the batch has prompt and padding positions
-    seen: list[int] = []
-    apply = tu._ChunkedLogProbFunction.apply
-    monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply",
-                        lambda h, *a: (seen.append(h.size(0)), apply(h, *a))[1])
     original = tu._use_triton
 
     def loss_and_grads(fn):
@@ -145,11 +154,11 @@ def test_completion_only_head_gives_trls_loss_and_gradients(setup, monkeypatch, 
 
     ours = loss_and_grads(type(trainer).compute_loss)
     assert tu._use_triton is original and trainer.lm_head_positions == "completion"
-    ours_seen, seen[:] = list(seen), []
+    ours_head_rows, head_rows[:] = list(head_rows), []
     theirs = loss_and_grads(DPOTrainer.compute_loss)
     per_forward = 1 if precompute else 2  # the live reference forward is compact too
-    assert ours_seen == [n_completion] * per_forward
-    assert seen == [n_positions] * per_forward
+    assert ours_head_rows == [n_completion] * per_forward
+    assert head_rows == [n_positions] * per_forward
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
     assert ours[1].keys() == theirs[1].keys() and len(ours[1]) > 0
     for name in ours[1]:
@@ -159,23 +168,18 @@ def test_completion_only_head_gives_trls_loss_and_gradients(setup, monkeypatch, 
         assert ours[2][k] == pytest.approx(theirs[2][k], rel=1e-4, abs=1e-6), k
 
 
-def test_trl_precompute_fallback_uses_the_completion_only_head(setup, monkeypatch):
+def test_trl_precompute_fallback_uses_the_completion_only_head(setup, monkeypatch, head_rows):
     """Where realign's own precompute does not apply (here forced), TRL's precompute runs
     under the completion-only head: the same numbers as TRL's default, fewer positions."""
-    import trl.trainer.utils as tu
     from trl import DPOTrainer
 
     monkeypatch.setattr(tt, "fast_reference_supported", lambda model: False)
-    seen: list[int] = []
-    apply = tu._ChunkedLogProbFunction.apply
-    monkeypatch.setattr(tu._ChunkedLogProbFunction, "apply",
-                        lambda h, *a: (seen.append(h.size(0)), apply(h, *a))[1])
     ours = setup()
     assert ours.ref_precompute_method == "trl" and ours.ref_cache_hit is False
-    ours_positions, seen[:] = sum(seen), []
+    ours_positions, head_rows[:] = sum(head_rows), []
     ds = ours.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
     trl_out = DPOTrainer._precompute_ref_logps(ours, ds, "train", 4)
-    assert 0 < ours_positions < sum(seen)
+    assert 0 < ours_positions < sum(head_rows)
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(torch.tensor(ours.train_dataset[col]),
                                    torch.tensor(trl_out[col]), rtol=1e-6, atol=1e-5)
