@@ -95,7 +95,7 @@ def _child(args: argparse.Namespace) -> dict[str, object]:
 
     from realign.backends.trl import TRLBackend
     from realign.models import resolve_model
-    from realign.stages.common import read_jsonl
+    from realign.fileio import read_jsonl
     from realign.stages.dpo import _train_dataset
 
     rows = read_jsonl(run_dir / "stages" / "2-preference_data" / "train.jsonl")

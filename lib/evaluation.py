@@ -11,7 +11,7 @@
 Per suite it returns the primary metric, its score (mean over items), the item count
 and the per-item scores in lm-eval's document order, each with a stable item id (the
 ``id`` field of the document when it has one, else the document index). The per-item
-scores feed :func:`realign.training_metrics.capability_retention`.
+scores feed :func:`realign.metrics.capability_retention`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from .errors import InputError, MissingDependencyError, RealignError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .training_metrics import RetentionResult
+    from .metrics import RetentionResult
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 
@@ -340,7 +340,7 @@ def evaluate_model(model: Any, tokenizer: Any, suites: Sequence[str] = DEFAULT_S
 def retention_by_suite(before: BenchmarkResults, after: BenchmarkResults, *, n_boot: int = 2000,
                        seed: int = 0) -> dict[str, "RetentionResult"]:
     """Per suite present in both: :func:`capability_retention` paired by item id."""
-    from .training_metrics import RetentionResult, capability_retention
+    from .metrics import RetentionResult, capability_retention
 
     out: dict[str, RetentionResult] = {}
     for name, b in before.suites.items():

@@ -64,7 +64,7 @@ GATE_SPECS: dict[str, GateSpec] = {
     ]
 }
 
-#: The threshold presets (METRICS.md). The only place these numbers are written.
+#: The threshold presets (docs/quality-thresholds.md renders them). The only place these numbers are written.
 PRESETS: dict[str, dict[str, float]] = {
     "relaxed": {
         "min_pairs": 500, "preference_gap": 0.10, "decontamination": 0.85,
@@ -211,6 +211,6 @@ def make_verdict(
     )
 
 
-#: CLI exit code per verdict status (DESIGN.md): 0 pass, 1 fail, 2 bad input, 3 incomplete.
+#: CLI exit code per verdict status (docs/quality-thresholds.md#exit-codes): 0 pass, 1 fail, 2 bad input, 3 incomplete.
 EXIT_CODES: dict[str, int] = {"pass": 0, "fail": 1, "incomplete": 3}
 EXIT_BAD_INPUT = 2

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +37,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import InputError
+from .fileio import write_text_atomic
+from .provenance import package_versions
 
 # ----------------------------------------------------------------------------- settings
 #: A batch size counts as "still rising" when its throughput beats the best so far by
@@ -410,14 +411,9 @@ def cache_path(hw: HardwareInfo, model: str, seq_len: int, device: str) -> Path:
     return calibration_dir() / f"{hw.fingerprint()}-{mid}-s{seq_len}-{device.replace(':', '')}.json"
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("realign", "torch", "transformers", "trl", "accelerate"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+#: Packages whose versions a calibration records (a change invalidates nothing; it is
+#: shown beside the measurement).
+CALIBRATION_PACKAGES = ("realign", "torch", "transformers", "trl", "accelerate")
 
 
 METHOD = (
@@ -537,9 +533,8 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
     """
     import tempfile
 
-    from .backends.trl import TRLBackend, pick_device
+    from .backends.trl import TRLBackend, make_policy, pick_device
     from .backends.trl_train import quiet_hf
-    from .stages.reference_init import make_policy
 
     if seq_len < 8:
         raise InputError(f"sequence length must be ≥ 8, got {seq_len}", field="seq_len")
@@ -564,7 +559,6 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
         except (ValidationError, ValueError):
             pass  # unreadable: measure again
     quiet_hf()
-    import torch
 
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     t_start = time.perf_counter()
@@ -634,10 +628,10 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
         measure_steps=steps, method=METHOD, points=points, stop_reason=stop, peak=peak,
         recommended_batch_size=rec, seconds=time.perf_counter() - t_start,
         load_average=load, created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-        versions=_versions())
+        versions=package_versions(CALIBRATION_PACKAGES, python=False))
     _finish(result, target_effective_batch, world_size or _default_world(hw, dev))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, result.model_dump_json(by_alias=True, indent=2))
+    write_text_atomic(path, result.model_dump_json(by_alias=True, indent=2))
     return result
 
 
@@ -654,15 +648,6 @@ def _default_world(hw: HardwareInfo, dev: Any) -> int:
 def _finish(result: CalibrationResult, target: int, world: int) -> None:
     result.recommendation = (recommend_accumulation(result.recommended_batch_size, target, world)
                              if result.recommended_batch_size else None)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def load_calibration(path: str | Path) -> CalibrationResult:
@@ -968,5 +953,5 @@ def write_accelerate_config(path: str | Path, plan: LaunchPlan) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# written by `realign calibrate`: {plan.strategy} — {plan.reason}\n")
-    _write_atomic(p, header + yaml.safe_dump(plan.config, sort_keys=True))
+    write_text_atomic(p, header + yaml.safe_dump(plan.config, sort_keys=True))
     return p

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +33,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .config import DEFAULT_MAX_LENGTH
 from .data import detect_format
 from .errors import InputError
+from .fileio import atomic_path
 
 #: Quantiles of the IFD distribution in a report.
 IFD_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -119,7 +119,7 @@ def unconditional_context(tokenizer: Any) -> list[int]:
     return [int(tid)]
 
 
-def encode_ifd(tokenizer: Any, prompt: Any, answer: Any, max_length: int = 512) -> tuple[Any, Any]:
+def encode_ifd(tokenizer: Any, prompt: Any, answer: Any, max_length: int = DEFAULT_MAX_LENGTH) -> tuple[Any, Any]:
     """(conditional, unconditional) :class:`realign.backends.trl.Encoded` of one example,
     scoring the same answer tokens (at most ``max_length − 1`` of them)."""
     from .backends.trl import Encoded, encode_pair
@@ -142,7 +142,7 @@ class IFDScores:
 
 
 def ifd_scores(handle: Any, prompts: Sequence[Any], answers: Sequence[Any], *, batch_size: int = 16,
-               max_length: int = 512, backend: Any = None,
+               max_length: int = DEFAULT_MAX_LENGTH, backend: Any = None,
                progress: Callable[[int, int], None] | None = None,
                chunk: int = 256) -> IFDScores:
     """IFD of each (prompt, answer) with the model in ``handle`` (a backend ModelHandle).
@@ -177,7 +177,7 @@ def ifd_scores(handle: Any, prompts: Sequence[Any], answers: Sequence[Any], *, b
 
 
 def calculate_ifd_score(model: Any, instructions: str | Sequence[Any], responses: str | Sequence[Any],
-                        *, batch_size: int = 16, max_length: int = 512, device: str | None = None
+                        *, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, device: str | None = None
                         ) -> float | None | list[float | None]:
     """IFD(Q, A) = PPL(A | Q) ÷ PPL(A) (Li et al. 2023) of one example or a list of them.
 
@@ -314,10 +314,7 @@ def read_examples(path: str | Path) -> tuple[list[Example], str, list[Any]]:
 def write_subset(out: str | Path, fmt: str, raw: list[Any], keep: Sequence[int]) -> Path:
     """Write the kept rows (indices into the examples) in the input's format, atomically."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         if fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -329,10 +326,6 @@ def write_subset(out: str | Path, fmt: str, raw: list[Any], keep: Sequence[int])
         else:
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.writelines(raw[i].rstrip("\r") + "\n" for i in keep)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -359,7 +352,7 @@ class IFDFileResult(BaseModel):
 
 
 def ifd_of_file(path: str | Path, model: Any = "default", *, limit: int | None = None,
-                batch_size: int = 16, max_length: int = 512, device: str | None = None,
+                batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, device: str | None = None,
                 progress: Callable[[int, int], None] | None = None) -> IFDFileResult:
     """IFD(Q, A) = PPL(A | Q) ÷ PPL(A) of the first ``limit`` (default: all) examples of a file.
 

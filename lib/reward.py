@@ -1,5 +1,5 @@
 """Reward models: training with TRL's ``RewardTrainer``, scoring pairs, and the statistics
-stage 4 reports (METRICS.md "reward accuracy", "preference gap").
+stage 4 reports (docs/quality-thresholds.md#definitions: reward accuracy, preference gap).
 
 Formulas (each pure function below states its own):
 
@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .config import DEFAULT_MAX_LENGTH
 from .errors import InputError
 
 Message = dict[str, str]
@@ -158,7 +159,7 @@ def reward_gap(r_chosen: Sequence[float], r_rejected: Sequence[float],
     1.96·sd/√n (as for explicit scores). ``negative`` lists the pairs whose gap is
     below 0 (the reward model prefers the rejected response), by ``ids[i]`` or index.
     """
-    from .training_metrics import RunningDiff
+    from .metrics import RunningDiff
 
     if len(r_chosen) != len(r_rejected):
         raise ValueError(f"{len(r_chosen)} chosen scores but {len(r_rejected)} rejected")
@@ -212,7 +213,11 @@ def load_reward_model(path: str | Path, *, device: str | None = None) -> tuple[A
     ``path`` must hold a model saved by stage 4 (or any ``*ForSequenceClassification``
     with ``num_labels == 1``); anything else is an :class:`InputError`.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     from .backends.trl import pick_device, pick_dtype
 
@@ -278,7 +283,7 @@ def score_sequences(model: Any, tokenizer: Any, seqs: Sequence[list[int]], *, ba
 
 
 def score_pairs(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *, batch_size: int = 8,
-                max_length: int = 512, progress: Callable[[int, int], None] | None = None
+                max_length: int = DEFAULT_MAX_LENGTH, progress: Callable[[int, int], None] | None = None
                 ) -> tuple[list[float], list[float]]:
     """(r(chosen_i), r(rejected_i)) for rows with ``prompt``, ``chosen``, ``rejected``
     (strings or message lists; TRL's conversational format as stage 2 writes it)."""
@@ -307,7 +312,11 @@ def train_reward_model(base: str | Path, rows: list[dict[str, Any]], *, output_d
     """
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
     from trl import RewardConfig, RewardTrainer
 
     from .backends.trl import pick_device
@@ -393,7 +402,7 @@ def _block_rows(block: Any) -> list[dict[str, Any]]:
 def gap_on_file(path: str | Path, reward_model: str | Path, *, thresholds: Any = None,
                 exclude_lines: Sequence[int] = (), split: str | None = None,
                 skip_bad_rows: bool = False, drop_negative: str | Path | None = None,
-                batch_size: int = 8, max_length: int = 512, device: str | None = None,
+                batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH, device: str | None = None,
                 progress: Callable[[int, int], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """The ``preference_gap`` gate of a preference file, scored by a reward model.
 
@@ -408,7 +417,7 @@ def gap_on_file(path: str | Path, reward_model: str | Path, *, thresholds: Any =
 
     from .data import PairSource
     from .gates import Thresholds
-    from .stages.common import to_trl_row
+    from .rows import to_trl_row
     from .validation import CleanWriter
 
     thresholds = thresholds or Thresholds()
@@ -458,7 +467,7 @@ def gap_on_file(path: str | Path, reward_model: str | Path, *, thresholds: Any =
 def apply_reward_gap(verdict: Any, path: str | Path, reward_model: str | Path, *,
                      thresholds: Any = None, split: str | None = None, skip_bad_rows: bool = False,
                      drop_negative: str | Path | None = None, batch_size: int = 8,
-                     max_length: int = 512, device: str | None = None) -> Any:
+                     max_length: int = DEFAULT_MAX_LENGTH, device: str | None = None) -> Any:
     """Add the reward model's gap to a stage-2 verdict (``realign validate --reward-model``).
 
     The usable pairs (lines not in the verdict's duplicates, identical, empty or

@@ -1,7 +1,7 @@
 """Rollback after a stage-7 regression: restore the best earlier model that passes.
 
-``realign rollback RUN`` (and stage 7 itself when ``evaluation.rollback_on_regression``
-is true) runs :func:`rollback`:
+``realign rollback RUN`` (and the pipeline, after stage 7 rejects the policy, when
+``evaluation.rollback_on_regression`` is true) runs :func:`rollback`:
 
 1. **Candidates** (:func:`rollback_candidates`), in this order:
 
@@ -14,7 +14,7 @@ is true) runs :func:`rollback`:
      itself) does not apply.
 
 2. Each checkpoint candidate is **re-evaluated** with stage 7's gates
-   (:func:`realign.stages.evaluation.assess`: benchmarks and retention against the
+   (:func:`realign.assessment.assess`, the function stage 7 uses: benchmarks and retention against the
    stage-1 baseline, win rate against the baseline's responses). The first that passes
    every gate is restored. When none does, the baseline is restored; its benchmarks are
    re-run too, so the record shows its measured retention.
@@ -29,19 +29,17 @@ is true) runs :func:`rollback`:
 from __future__ import annotations
 
 import datetime as _dt
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .config import STAGES
+from . import assessment
 from .errors import InputError
+from .fileio import keep_old, write_json_atomic
 from .gates import GateResult, StageVerdict, Thresholds
-from .pipeline import RunContext, RunLock, load_run_config, write_json_atomic
-
-ProgressFn = Callable[[float, float | None, str], None]
+from .rundir import RunDir, RunLock, load_run_config
+from .stages.context import ProgressFn, RunContext
 
 
 class Candidate(BaseModel):
@@ -80,10 +78,6 @@ class RollbackResult(BaseModel):
     summary: str
 
 
-def _stage_dir(run_dir: Path, name: str) -> Path:
-    return run_dir / "stages" / f"{STAGES[name]}-{name}"
-
-
 def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
@@ -100,7 +94,7 @@ def rollback_candidates(run_dir: str | Path) -> list[Candidate]:
         checks = dpo.findings.get("checks") or []
         selected = dpo.findings.get("selected_step")
         passed = {int(c["step"]): c for c in checks if c.get("passed")}
-        root = _stage_dir(run_dir, "dpo") / "checkpoints"
+        root = RunDir(run_dir).stage_dir("dpo") / "checkpoints"
         found = []
         for d in root.glob("checkpoint-*") if root.is_dir() else []:
             try:
@@ -113,20 +107,8 @@ def rollback_candidates(run_dir: str | Path) -> list[Candidate]:
                                        step=step, kl=c.get("kl"), heldout_margin=c.get("heldout_margin")))
         found.sort(key=lambda c: -(c.heldout_margin if c.heldout_margin is not None else float("-inf")))
         out.extend(found)
-    from .stages.evaluation import baseline_model
-
-    out.append(Candidate(name="baseline", path=baseline_model(ctx), source="baseline"))
+    out.append(Candidate(name="baseline", path=ctx.base_model(), source="baseline"))
     return out
-
-
-def _keep_old(path: Path) -> None:
-    """Rename an existing record to ``<stem>.<n><suffix>`` (nothing is overwritten)."""
-    if not path.exists():
-        return
-    k = 1
-    while path.with_name(f"{path.stem}.{k}{path.suffix}").exists():
-        k += 1
-    path.rename(path.with_name(f"{path.stem}.{k}{path.suffix}"))
 
 
 def _fresh_dir(root: Path, name: str) -> Path:
@@ -161,17 +143,15 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
         raise InputError("stage 7 passed (decision: deploy); nothing to roll back "
                          "(--force rolls back anyway)", file=run_dir)
 
-    from .stages.evaluation import assess, write_deployed
-
     with RunLock(run_dir, "rollback") if lock else nullcontext():
         evaluated: list[CandidateResult] = []
         restored: Candidate | None = None
         cands = rollback_candidates(run_dir)
         for i, cand in enumerate(cands):
-            out = _fresh_dir(run_dir / "rollback", cand.name)
+            out = _fresh_dir(ctx.rundir.rollback_root, cand.name)
             ctx.progress(i, len(cands), f"re-evaluating {cand.name}")
             if cand.source == "baseline":
-                a = assess(ctx, cand.path, out, win_rate=False)
+                a = assessment.assess(ctx, cand.path, out, win_rate=False)
                 note = ("fallback: the stage-1 baseline (the model before DPO) is restored when "
                         "no checkpoint passes; win_rate does not apply to it")
                 evaluated.append(CandidateResult(candidate=cand, gates=a.gates,
@@ -180,7 +160,7 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
                 restored = cand
                 break
             try:
-                a = assess(ctx, cand.path, out)
+                a = assessment.assess(ctx, cand.path, out)
             except InputError as e:  # an unloadable checkpoint is recorded and skipped
                 evaluated.append(CandidateResult(candidate=cand, gates=[], passed=False,
                                                  note=f"could not be evaluated: {e}"))
@@ -196,8 +176,8 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
         deployed = None
         if restored is not None:
             gates = evaluated[-1].gates
-            deployed = write_deployed(run_dir, restored.path, source=restored.name,
-                                      decided_by=f"rollback ({trigger})", gates=gates)
+            deployed = ctx.rundir.write_deployed(restored.path, source=restored.name,
+                                                 decided_by=f"rollback ({trigger})", gates=gates)
         rejected = verdict.findings.get("evaluated_model")
         if restored is None:
             summary = "rollback: no candidate could be restored"
@@ -214,15 +194,11 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
             regression=list(verdict.findings.get("reasons") or []),
             rejected_model=str(rejected) if rejected else None,
             evaluated=evaluated, restored=restored, deployed_model=deployed, summary=summary)
-        _keep_old(run_dir / "rollback.json")
-        write_json_atomic(run_dir / "rollback.json", result)
+        keep_old(ctx.rundir.rollback_json)
+        write_json_atomic(ctx.rundir.rollback_json, result)
     return result
 
 
 def deployed_model(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's ``deployed_model.json`` (None when nothing was deployed or restored)."""
-    p = Path(run_dir) / "deployed_model.json"
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return None
+    return RunDir(run_dir).deployed()

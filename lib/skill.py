@@ -7,11 +7,10 @@ it at build time); a source checkout or editable install reads the repository.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from .fileio import atomic_path
 
 SKILL_NAME = "realign-dpo-workflow"
 SKILL_FILES = ("SKILL.md", "workflow.md", "templates.md")
@@ -58,27 +57,8 @@ def install_skill(target: Path, *, force: bool = False) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the folder: {e.strerror}", file=target.parent) from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_path(target, directory=True) as tmp:
         for rel in skill_files(root):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / rel, tmp / rel)
-        if exists:
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            old.rmdir()
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            if old.is_symlink():
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

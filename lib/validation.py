@@ -1,6 +1,6 @@
 """Stage 2 validation engine: stream a preference file once, compute every gate.
 
-What makes a pair unusable (METRICS.md "usable pairs"), each listed by line number:
+What makes a pair unusable (docs/quality-thresholds.md#definitions), each listed by line number:
 
 * ``malformed``: rows that could not be parsed (only with ``skip_bad_rows``; by
   default the first one stops the run with exit code 2);
@@ -31,7 +31,6 @@ and NumPy release the GIL, so parsing and scanning of consecutive blocks overlap
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -47,9 +46,9 @@ import pyarrow.compute as pc
 from .data import PairBlock, PairSource
 from .decontamination import DecontamConfig, EvalSet, Hit, NgramIndex, load_eval_set
 from .errors import InputError
-from .text_hash import mix64, prepare, row_hashes, word_hashes
+from .fileio import discard, replace_into, temp_sibling
 from .gates import StageVerdict, Thresholds, make_verdict
-from .training_metrics import (
+from .metrics import (
     RunningDiff,
     decontamination_rate,
     infer_scale,
@@ -57,6 +56,7 @@ from .training_metrics import (
     parse_scale,
     preference_gap,
 )
+from .text_hash import mix64, prepare, row_hashes, word_hashes
 
 #: At most this many contamination hits are detailed (all contaminated lines are listed).
 MAX_HIT_DETAILS = 10_000
@@ -140,13 +140,8 @@ class CleanWriter:
         self._objects: list[Any] = []
         self._tables: list[pa.Table] = []
         self._pq: Any = None
-        if self.fmt == "dataset" or self.fmt == "hub":
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-            os.close(fd)
-            self.tmp = Path(name)
-            self._fh = open(self.tmp, "wb") if self.fmt == "jsonl" else None
+        self.tmp = temp_sibling(out, directory=self.fmt in ("dataset", "hub"))
+        self._fh = open(self.tmp, "wb") if self.fmt == "jsonl" else None
 
     def write(self, block: PairBlock, keep: np.ndarray) -> None:
         if self.fmt == "jsonl":
@@ -193,7 +188,7 @@ class CleanWriter:
             ds = datasets.Dataset(table) if table is not None else datasets.Dataset.from_dict({})
             shutil.rmtree(self.tmp)
             ds.save_to_disk(str(self.tmp))
-        _atomic_replace(self.tmp, self.out)
+        replace_into(self.tmp, self.out)
 
     def abort(self) -> None:
         if self.fmt == "jsonl" and self._fh and not self._fh.closed:
@@ -203,24 +198,7 @@ class CleanWriter:
                 self._pq.close()
             except Exception:  # noqa: BLE001 - best effort cleanup
                 pass
-        if self.tmp.is_dir():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def _atomic_replace(tmp: Path, out: Path) -> None:
-    if tmp.is_dir():
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    else:
-        os.replace(tmp, out)
+        discard(self.tmp)
 
 
 def _prefetch(blocks: Iterator[PairBlock], index: NgramIndex | None, workers: int = 2

@@ -13,7 +13,6 @@ import anyio.to_thread
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import ValidationError
-
 from realign.errors import RealignError
 
 from .paths import PathNotAllowed

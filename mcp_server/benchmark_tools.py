@@ -23,8 +23,8 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
-
-from realign.evaluation import BenchmarkResults, SuiteInfo, list_suites as _list_suites
+from realign.evaluation import BenchmarkResults, SuiteInfo
+from realign.evaluation import list_suites as _list_suites
 from realign.hardware_calibrator import CalibrationResult, HardwareInfo
 
 from ._util import run_blocking

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from realign.pipeline import RunBusyError, pid_alive, read_lock
+from realign.rundir import RunBusyError, pid_alive, read_lock
 
 
 @dataclass

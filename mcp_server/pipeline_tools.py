@@ -19,13 +19,12 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
-
 from realign import config as run_config
 from realign import pipeline
 from realign.config import RunConfig, load_config
-from realign.pipeline import RunStatus
 from realign.report import write_report
 from realign.rollback import RollbackResult
+from realign.rundir import RunDir, RunStatus
 
 from ._util import EXPECTED, run_blocking, tool_error
 from .jobs import JobManager
@@ -69,7 +68,7 @@ class JobInfo(BaseModel):
 
 
 class RunReport(RunStatus):
-    """``realign.pipeline.RunStatus`` plus the job this server runs on it, if any."""
+    """``realign.rundir.RunStatus`` plus the job this server runs on it, if any."""
 
     job: JobInfo | None = None
 
@@ -93,10 +92,10 @@ class PipelineTools:
         """A run id under the runs directory, or a run directory path."""
         if run and "/" not in run and "\\" not in run and run not in (".", ".."):
             cand = self.runs_dir / run
-            if (cand / "run.json").exists():
+            if RunDir(cand).exists():
                 return cand
         d = self.path(run, "run")
-        if not (d / "run.json").exists():
+        if not RunDir(d).exists():
             raise ToolError(f"no run '{run}': neither {self.runs_dir / run} nor {d} holds a "
                             "run.json (list_runs shows the runs)")
         return d

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
-
 from realign.gates import PRESETS
 
 try:

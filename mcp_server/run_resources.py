@@ -13,22 +13,22 @@ Templates (read-only JSON):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
-
-from realign.config import STAGES
+from realign.rundir import RunDir
+from realign.stages.registry import REGISTRY
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def register(mcp: MCPServer, runs_dir: Path) -> None:
-    def run_file(run_id: str, *parts: str) -> str:
-        for part in (run_id, *parts):
-            if not _NAME.match(part) or part in (".", ".."):
-                raise ResourceError(f"'{part}' is not a run or stage name")
-        p = runs_dir.joinpath(run_id, *parts)
+    def run_file(run_id: str, pick: Callable[[RunDir], Path]) -> str:
+        if not _NAME.match(run_id) or run_id in (".", ".."):
+            raise ResourceError(f"'{run_id}' is not a run name")
+        p = pick(RunDir(runs_dir / run_id))
         real = p.resolve()
         if not real.is_relative_to(runs_dir.resolve()):
             raise ResourceError(f"{p} is outside the runs directory")
@@ -39,30 +39,32 @@ def register(mcp: MCPServer, runs_dir: Path) -> None:
     @mcp.resource("realign://runs/{run_id}/run.json", mime_type="application/json",
                   description="A run's record: config, seed, package versions, hardware")
     def run_json(run_id: str) -> str:
-        return run_file(run_id, "run.json")
+        return run_file(run_id, lambda rd: rd.run_json)
 
     @mcp.resource("realign://runs/{run_id}/status.json", mime_type="application/json",
                   description="A run's state, current stage and progress")
     def status_json(run_id: str) -> str:
-        return run_file(run_id, "status.json")
+        return run_file(run_id, lambda rd: rd.status_json)
 
     @mcp.resource("realign://runs/{run_id}/stages/{stage}/verdict.json",
                   mime_type="application/json",
                   description="A stage verdict: gates (value, threshold, op, status), findings, "
                               "artifacts. stage: '<k>-<name>' or the stage name")
     def verdict_json(run_id: str, stage: str) -> str:
-        if stage in STAGES:
-            stage = f"{STAGES[stage]}-{stage}"
-        return run_file(run_id, "stages", stage, "verdict.json")
+        by_folder = {s.folder: n for n, s in REGISTRY.items()}
+        name = by_folder.get(stage, stage)
+        if name not in REGISTRY:
+            raise ResourceError(f"'{stage}' is not a stage (known: {', '.join(REGISTRY)})")
+        return run_file(run_id, lambda rd: rd.verdict_path(name))
 
     @mcp.resource("realign://runs/{run_id}/report.md", mime_type="text/markdown",
                   description="A run's report: every stage's gates, curves summarized, the "
                               "deploy/reject decision (generate_report rewrites it)")
     def report_md(run_id: str) -> str:
-        return run_file(run_id, "report.md")
+        return run_file(run_id, lambda rd: rd.report_md)
 
     @mcp.resource("realign://runs/{run_id}/rollback.json", mime_type="application/json",
                   description="The last rollback of a run: candidates re-evaluated with their "
                               "gates, what was restored")
     def rollback_json(run_id: str) -> str:
-        return run_file(run_id, "rollback.json")
+        return run_file(run_id, lambda rd: rd.rollback_json)

@@ -13,12 +13,18 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import realign
 import typer
 from mcp.server.mcpserver import MCPServer
 
-import realign
-
-from . import benchmark_tools, prompts, training_tools, validators
+from . import (
+    benchmark_tools,
+    pipeline_tools,
+    prompts,
+    run_resources,
+    training_tools,
+    validators,
+)
 from .paths import PathPolicy
 from .skills import ServedSkill, SkillsExtension, realign_skill
 
@@ -64,13 +70,8 @@ def build_server(
     names = validators.register(mcp, policy)
     names += training_tools.register(mcp, policy)
     names += benchmark_tools.register(mcp, policy)
-    try:  # the pipeline tools exist only when the library has the pipeline
-        from . import pipeline_tools, run_resources
-    except ImportError as e:
-        log.warning("pipeline tools not registered: %s", e)
-    else:
-        names += pipeline_tools.register(mcp, pipeline_tools.PipelineTools(policy, runs, jobs))
-        run_resources.register(mcp, runs)
+    names += pipeline_tools.register(mcp, pipeline_tools.PipelineTools(policy, runs, jobs))
+    run_resources.register(mcp, runs)
     prompts.register(mcp, set(names))
     _clean_descriptions(mcp)
     return mcp

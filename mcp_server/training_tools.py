@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
-
+from realign.backends.base import KLBetween
+from realign.config import DEFAULT_MAX_LENGTH
 from realign.gates import DEFAULT_PRESET, GateResult, Thresholds
 from realign.ifd import IFDFileResult
-
-from realign.backends.base import KLBetween
 
 from ._util import run_blocking, tool_error
 from .paths import PathPolicy
@@ -58,7 +57,7 @@ class PreferenceGapReport(BaseModel):
 def available() -> bool:
     """True when torch, the TRL backend and the stage helpers are installed."""
     return all(importlib.util.find_spec(m) is not None
-               for m in ("torch", "transformers", "realign.backends.trl", "realign.stages.common"))
+               for m in ("torch", "transformers", "realign.backends.trl", "realign.rows"))
 
 
 def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
@@ -94,7 +93,7 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
         completion: Literal["chosen", "rejected"] = "chosen",
         max_examples: Annotated[int, Field(ge=1, le=4096)] = 64,
         batch_size: Annotated[int, Field(ge=1)] = 8,
-        max_length: Annotated[int, Field(ge=8)] = 512,
+        max_length: Annotated[int, Field(ge=8)] = DEFAULT_MAX_LENGTH,
         device: Annotated[str | None, Field(description="cuda, mps or cpu (default: best)")] = None,
         preset: Literal["relaxed", "standard", "strict"] = DEFAULT_PRESET,
         thresholds: dict[str, float] = {},  # noqa: B006
@@ -134,7 +133,7 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
                                                 "(SmolLM2-135M-Instruct) or a hub id")] = "default",
         limit: Annotated[int | None, Field(ge=1, description="score only the first N examples")] = None,
         batch_size: Annotated[int, Field(ge=1)] = 16,
-        max_length: Annotated[int, Field(ge=2)] = 512,
+        max_length: Annotated[int, Field(ge=2)] = DEFAULT_MAX_LENGTH,
         device: Annotated[str | None, Field(description="cuda, mps or cpu (default: best)")] = None,
     ) -> IFDFileResult:
         """Instruction-following difficulty (Li et al. 2023) of every example of a file.
@@ -164,7 +163,7 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
         skip_bad_rows: bool = False,
         split: Annotated[str | None, Field(description="split of a saved DatasetDict")] = None,
         batch_size: Annotated[int, Field(ge=1)] = 8,
-        max_length: Annotated[int, Field(ge=8)] = 512,
+        max_length: Annotated[int, Field(ge=8)] = DEFAULT_MAX_LENGTH,
         device: Annotated[str | None, Field(description="cuda, mps or cpu (default: best)")] = None,
         preset: Literal["relaxed", "standard", "strict"] = DEFAULT_PRESET,
         thresholds: dict[str, float] = {},  # noqa: B006

@@ -15,9 +15,14 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
-
 from realign.decontamination import DecontamConfig
-from realign.gates import DEFAULT_PRESET, GATE_SPECS, GateResult, StageVerdict, Thresholds
+from realign.gates import (
+    DEFAULT_PRESET,
+    GATE_SPECS,
+    GateResult,
+    StageVerdict,
+    Thresholds,
+)
 from realign.validation import validate_file
 
 from ._util import run_blocking, tool_error

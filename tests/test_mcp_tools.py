@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import Client
 
-from realign.gates import Thresholds, make_verdict
-from realign_mcp.server import build_server
+pytest.importorskip("mcp", reason="needs the mcp extra (pip install -e '.[mcp]')")
+from mcp import Client  # noqa: E402
+
+from realign.gates import Thresholds, make_verdict  # noqa: E402
+from realign_mcp.server import build_server  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -285,7 +287,7 @@ def failed_run(rejected_run) -> Path:
 
 def stub_assess(monkeypatch: pytest.MonkeyPatch, passing: set[str], calls: list[str]) -> None:
     """Replace the model-level re-evaluation (tested in test_stage7.py) by fixed gates."""
-    import realign.stages.evaluation as s7
+    import realign.assessment as s7
 
     t = Thresholds()
 
@@ -330,7 +332,7 @@ async def test_rollback_and_report(failed_run: Path, monkeypatch: pytest.MonkeyP
 
 
 async def test_rollback_errors(failed_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from realign.pipeline import write_json_atomic
+    from realign.fileio import write_json_atomic
     from realign_mcp.jobs import JobManager
 
     stub_assess(monkeypatch, set(), [])

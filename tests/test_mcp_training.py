@@ -44,7 +44,7 @@ def perturbed(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 async def test_compute_kl(tiny_model_path: Path, perturbed: Path) -> None:
     from realign.backends.trl import TRLBackend, kl_on_probe
-    from realign.stages.common import read_rows, to_trl_row
+    from realign.rows import read_rows, to_trl_row
 
     args = {"probe": str(PAIRS), "max_examples": 6, "device": "cpu"}
     progress: list[str | None] = []

@@ -13,7 +13,8 @@ import pytest
 
 from realign.config import RunConfig, load_config
 from realign.errors import InputError
-from realign.pipeline import RunBusyError, RunLock, create_run, load_run_config, run_stages, run_status
+from realign.pipeline import create_run, load_run_config, run_stages, run_status
+from realign.rundir import RunBusyError, RunLock
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import pytest
 
 from realign.config import RunConfig
 from realign.gates import Thresholds, make_verdict
-from realign.pipeline import create_run, write_json_atomic
+from realign.fileio import write_json_atomic
+from realign.pipeline import create_run
 from realign.report import collect, interval_chart, line_chart, nice_ticks, Series, write_report
 
 

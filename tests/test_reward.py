@@ -161,7 +161,7 @@ def test_reward_model_learns_planted_rule(stage4):
 
 def test_saved_reward_model_scores_like_the_verdict(stage4):
     from realign.reward import load_reward_model, score_pairs
-    from realign.stages.common import read_jsonl
+    from realign.fileio import read_jsonl
 
     v4 = next(s.verdict for s in stage4.stages if s.name == "reward_model")
     held = read_jsonl(Path(v4.artifacts["reward_model"]).parent.parent / "2-preference_data"

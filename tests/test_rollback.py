@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import realign.stages.evaluation as s7
+import realign.assessment as s7
 from realign.errors import InputError
 from realign.gates import Thresholds
 from realign.rollback import deployed_model, rollback, rollback_candidates

@@ -12,9 +12,8 @@ import pytest
 
 from realign.evaluation import BenchmarkResults, ItemScore, SuiteResult
 from realign.gates import PRESETS, Thresholds
-from realign.stages.evaluation import (decide, final_number, judge_by_reward, judge_by_verifier,
-                                       mean_retention_ci, retention_gates, verify_answer,
-                                       winrate_prompts)
+from realign.assessment import decide, mean_retention_ci, retention_gates, winrate_prompts
+from realign.verifiers import final_number, judge_by_reward, judge_by_verifier, verify_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 STD = PRESETS["standard"]

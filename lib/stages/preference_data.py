@@ -3,17 +3,18 @@
 Runs :func:`realign.validation.validate_file` (gates ``min_pairs``, ``preference_gap``,
 ``decontamination``, ``length_bias``) with ``--write-clean`` into the stage folder, then
 converts the usable pairs to TRL's conversational format and splits them into
-``train.jsonl`` and ``heldout.jsonl`` (:func:`realign.stages.common.split_heldout`).
+``train.jsonl`` and ``heldout.jsonl`` (:func:`realign.rows.split_heldout`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..fileio import file_digest, write_jsonl_atomic
 from ..gates import StageVerdict
-from ..pipeline import RunContext, file_digest
+from ..rows import read_rows, split_heldout, to_trl_row
 from ..validation import validate_file
-from .common import read_rows, split_heldout, to_trl_row, write_jsonl
+from .context import RunContext
 
 NAME = "preference_data"
 
@@ -37,8 +38,8 @@ def run(ctx: RunContext) -> StageVerdict:
         train, heldout = split_heldout(rows, fraction=cfg.heldout.fraction,
                                        min_pairs=cfg.heldout.min_pairs,
                                        max_pairs=cfg.heldout.max_pairs, seed=cfg.seed)
-        write_jsonl(out / "train.jsonl", train)
-        write_jsonl(out / "heldout.jsonl", heldout)
+        write_jsonl_atomic(out / "train.jsonl", train)
+        write_jsonl_atomic(out / "heldout.jsonl", heldout)
         verdict.artifacts.update(
             train=str(out / "train.jsonl"), heldout=str(out / "heldout.jsonl"),
             train_pairs=len(train), heldout_pairs=len(heldout),

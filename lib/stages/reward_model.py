@@ -24,9 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..fileio import file_digest, read_jsonl
 from ..gates import GateResult, StageVerdict, make_verdict
-from ..models import resolve_model
-from ..pipeline import RunContext, file_digest, metrics_log
+from ..messages import as_text
 from ..reward import (
     accuracy_by_length,
     length_baseline_accuracy,
@@ -40,17 +40,14 @@ from ..reward import (
     wilson_interval,
     words,
 )
-from .common import read_jsonl
+from ..rundir import metrics_log
+from .context import RunContext
 
 NAME = "reward_model"
 
 
-def _text(x: Any) -> str:
-    return x if isinstance(x, str) else "\n".join(str(m["content"]) for m in x)
-
-
 def _split(ctx: RunContext, key: str) -> list[dict[str, Any]]:
-    path = ctx.artifact("preference_data", key)
+    path = getattr(ctx.artifacts("preference_data"), key)
     if not path:
         raise RuntimeError(f"stage 2 (preference_data) has no '{key}' split; run it first")
     return read_jsonl(Path(path))
@@ -63,10 +60,10 @@ def run(ctx: RunContext) -> StageVerdict:
     cfg, rc = ctx.config, ctx.config.reward
     out = ctx.stage_dir(NAME)
     train, held = _split(ctx, "train"), _split(ctx, "heldout")
-    base = ctx.artifact("sft_baseline", "model") or str(resolve_model(cfg.model))
+    base = ctx.base_model()
 
     ctx.progress(0, rc.max_steps if rc.max_steps > 0 else None, "reward model training")
-    with metrics_log(out / "metrics.jsonl") as log:
+    with metrics_log(ctx.rundir.metrics_path(NAME)) as log:
         model, tok = train_reward_model(
             base, train, output_dir=out / "checkpoints", learning_rate=rc.learning_rate,
             max_steps=rc.max_steps, num_epochs=rc.num_epochs, batch_size=rc.batch_size,
@@ -90,8 +87,8 @@ def run(ctx: RunContext) -> StageVerdict:
     acc = pair_accuracy(hc, hr)
     right = sum(c > r for c, r in zip(hc, hr))
     train_acc = pair_accuracy(tc, tr)
-    cw = [words(_text(r["chosen"])) for r in held]
-    rw = [words(_text(r["rejected"])) for r in held]
+    cw = [words(as_text(r["chosen"])) for r in held]
+    rw = [words(as_text(r["rejected"])) for r in held]
     baseline = length_baseline_accuracy(cw, rw)
     gates: list[GateResult] = [
         ctx.thresholds.evaluate(
@@ -151,5 +148,5 @@ def run(ctx: RunContext) -> StageVerdict:
     else:
         warn = []
     artifacts = {"reward_model": str(saved), "reward_model_digest": file_digest(saved),
-                 "base_model": base, "metrics": str(out / "metrics.jsonl")}
+                 "base_model": base, "metrics": str(ctx.rundir.metrics_path(NAME))}
     return make_verdict(NAME, gates, ctx.thresholds, findings, artifacts, warn)

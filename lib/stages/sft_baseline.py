@@ -5,7 +5,7 @@
   the stage folder and becomes the base of the later stages.
 * Gate ``baseline_perplexity``: PPL = exp(−Σ log p(token) / Σ tokens) of the model on
   held-out responses given their prompts (chat template applied): the chosen responses
-  of the preference data's held-out split (:func:`realign.stages.common.split_heldout`,
+  of the preference data's held-out split (:func:`realign.rows.split_heldout`,
   the same split stage 2 uses), or the held-out 10% of the SFT set when one is given.
 * Baseline capability scores: when ``sft.benchmarks`` lists suites, they are evaluated
   through :mod:`realign.evaluation` and saved as ``baseline_benchmarks.json``; stage 7
@@ -15,14 +15,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+from ..fileio import file_digest, write_json_atomic
 from ..gates import StageVerdict, make_verdict
+from ..messages import prompt_completion
+from ..metrics import perplexity
 from ..models import resolve_model
-from ..pipeline import RunContext, file_digest, write_json_atomic
-from ..training_metrics import perplexity
-from .common import read_rows, split_heldout, to_trl_row
+from ..rows import read_rows, split_heldout, to_trl_row
+from .context import RunContext
 
 NAME = "sft_baseline"
 
@@ -47,15 +49,10 @@ def _sft_rows(path: str) -> list[dict[str, Any]]:
                 msgs = r["messages"]
                 out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
             elif "prompt" in r and "completion" in r:
-                out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
-                            "completion": [{"role": "assistant", "content": r["completion"]}]})
+                out.append(prompt_completion(r["prompt"], r["completion"]))
             elif "instruction" in r and ("response" in r or "output" in r):
-                out.append({"prompt": [{"role": "user", "content": r["instruction"]}],
-                            "completion": [{"role": "assistant",
-                                            "content": r.get("response", r.get("output"))}]})
+                out.append(prompt_completion(r["instruction"], r.get("response", r.get("output"))))
             else:
-                from ..errors import InputError
-
                 raise InputError("expected messages, prompt/completion or instruction/response",
                                  file=path, line=i)
     return out

@@ -1,4 +1,5 @@
-"""Helpers shared by the stages: TRL-ready rows, the held-out split, model loading."""
+"""Preference rows for training: read any supported file, convert to TRL's conversational
+format, split off the held-out set."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..data import PairSource
-from ..errors import InputError
-
-Message = dict[str, str]
+from .data import PairSource
+from .errors import InputError
+from .messages import Message, as_messages
 
 
 def read_rows(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
@@ -43,9 +43,7 @@ def read_rows(path: str | Path, split: str | None = None) -> list[dict[str, Any]
 
 
 def _as_messages(value: Any, role: str) -> list[Message]:
-    if isinstance(value, list):
-        return [{"role": m.get("role", role), "content": m["content"]} for m in value]
-    return [{"role": role, "content": str(value)}]
+    return as_messages(value if isinstance(value, list) else str(value), role)
 
 
 def to_trl_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -110,23 +108,6 @@ def split_heldout(rows: list[dict[str, Any]], *, fraction: float, min_pairs: int
     train = [r for i, r in enumerate(rows) if i not in held]
     heldout = [r for i, r in enumerate(rows) if i in held]
     return train, heldout
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Atomic JSONL write."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def prompts_and_completions(rows: list[dict[str, Any]], key: str = "chosen"

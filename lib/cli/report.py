@@ -10,11 +10,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli import STATUS_STYLE, app, err, fail_input, out
-from .errors import InputError, RealignError
+from ..rundir import RunDir
+from ..errors import InputError, RealignError
+from ._common import STATUS_STYLE, err, fail_input, out
 
 
-@app.command()
 def rollback(
     run_dir: Annotated[Path, typer.Argument(help="run directory (runs/<run-id>) whose stage 7 failed")],
     force: Annotated[bool, typer.Option("--force", help="roll back even when stage 7 passed")] = False,
@@ -26,9 +26,9 @@ def rollback(
     baseline. Writes rollback.json and deployed_model.json; deletes nothing. Exit 0 when
     a model was restored, 1 when none could be.
     """
-    from .pipeline import RunBusyError
-    from .report import write_report
-    from .rollback import rollback as _rollback
+    from ..pipeline import RunBusyError
+    from ..report import write_report
+    from ..rollback import rollback as _rollback
 
     try:
         result = _rollback(run_dir, force=force, trigger="cli")
@@ -55,18 +55,17 @@ def rollback(
             table.add_row(c.candidate.name, gates, escape(c.note))
         out.print(table)
         out.print(escape(result.summary))
-        out.print(f"record: {run_dir / 'rollback.json'}")
+        out.print(f"record: {RunDir(run_dir).rollback_json}")
     raise typer.Exit(0 if result.restored is not None else 1)
 
 
-@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="run directory (runs/<run-id>)")],
 ) -> None:
     """(Re)write report.html and report.md of a run from its run directory."""
-    from .report import write_report
+    from ..report import write_report
 
-    if not (run_dir / "run.json").is_file():
+    if not RunDir(run_dir).exists():
         fail_input(f"{run_dir}: not a run directory (no run.json)")
     try:
         html, md = write_report(run_dir)
@@ -75,3 +74,9 @@ def report(
         return
     out.print(f"wrote {html}")
     out.print(f"wrote {md}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``rollback`` and ``report`` to ``app``."""
+    app.command()(rollback)
+    app.command()(report)

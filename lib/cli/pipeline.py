@@ -1,4 +1,4 @@
-"""CLI commands for the pipeline: run, resume, stage, status, runs."""
+"""Pipeline commands: ``run``, ``resume``, ``stage``, ``status``, ``runs``."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from .cli import STATUS_STYLE, app, err, fail_input, out, print_verdict
-from .errors import InputError, RealignError
-
-from .config import STAGES as _STAGES
+from ..config import STAGES as _STAGES
+from ..errors import InputError, RealignError
+from ._common import STATUS_STYLE, err, fail_input, out, print_verdict
 
 _STAGE_NAMES = list(_STAGES)
 RUN_EXIT = {"passed": 0, "failed": 1, "incomplete": 3, "interrupted": 1, "created": 3,
@@ -44,7 +49,7 @@ def stage_progress(enabled: bool) -> Iterator[Callable[[float, float | None, str
 
 
 def _finish(status: object, as_json: bool) -> None:
-    from .pipeline import RunStatus
+    from ..pipeline import RunStatus
 
     assert isinstance(status, RunStatus)
     if as_json:
@@ -55,7 +60,7 @@ def _finish(status: object, as_json: bool) -> None:
 
 
 def _print_status(status: object, verbose: bool = True) -> None:
-    from .pipeline import RunStatus
+    from ..pipeline import RunStatus
 
     assert isinstance(status, RunStatus)
     table = Table(title=f"run {status.run_id} — {status.state}")
@@ -80,7 +85,7 @@ def _print_status(status: object, verbose: bool = True) -> None:
 
 
 def _guard(fn: Callable[[], object]) -> object:
-    from .pipeline import RunBusyError
+    from ..pipeline import RunBusyError
 
     try:
         return fn()
@@ -91,17 +96,19 @@ def _guard(fn: Callable[[], object]) -> object:
     return None
 
 
-@app.command()
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="run config (YAML; see templates.md)")],
     run_id: Annotated[Optional[str], typer.Option(help="name of the run directory")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final run status as JSON")] = False,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="config overrides KEY=VALUE (e.g. dpo.beta=0.2), checked by the same schema",
+        metavar="KEY=VALUE", show_default=False)] = None,
 ) -> None:
     """Run the pipeline stages of a config, gate by gate, in a new run directory."""
-    from .config import load_config
-    from .pipeline import create_run, run_stages
+    from ..config import load_config
+    from ..pipeline import create_run, run_stages
 
-    cfg = _guard(lambda: load_config(config))
+    cfg = _guard(lambda: load_config(config, overrides=list(overrides) if overrides else None))
     if run_id:
         cfg = cfg.model_copy(update={"run_id": run_id})  # type: ignore[union-attr]
     run_dir = _guard(lambda: create_run(cfg))  # type: ignore[arg-type]
@@ -111,20 +118,18 @@ def run(
     _finish(status, as_json)
 
 
-@app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="run directory (runs/<run-id>)")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Continue a run from its last completed stage (stage 5 from its last checkpoint)."""
-    from .pipeline import resume as _resume
+    from ..pipeline import resume as _resume
 
     with stage_progress(err.is_terminal or not as_json) as cb:
         status = _guard(lambda: _resume(run_dir, progress=cb))
     _finish(status, as_json)
 
 
-@app.command()
 def stage(
     name: Annotated[str, typer.Argument(help="stage name: " + ", ".join(_STAGE_NAMES))],
     run_dir: Annotated[Optional[Path], typer.Option("--run", help="existing run directory")] = None,
@@ -132,8 +137,8 @@ def stage(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Run (or rerun) one stage; earlier stages it needs must have run in the same run dir."""
-    from .config import STAGES, load_config
-    from .pipeline import create_run, run_stages
+    from ..config import STAGES, load_config
+    from ..pipeline import create_run, run_stages
 
     if name not in STAGES:
         fail_input(f"unknown stage '{name}' (choose from {', '.join(STAGES)})")
@@ -144,7 +149,7 @@ def stage(
         run_dir = _guard(lambda: create_run(cfg))  # type: ignore[arg-type]
     with stage_progress(err.is_terminal or not as_json) as cb:
         status = _guard(lambda: run_stages(run_dir, stages=[name], force=True, progress=cb))  # type: ignore[arg-type]
-    from .pipeline import RunStatus
+    from ..pipeline import RunStatus
 
     assert isinstance(status, RunStatus)
     st = next((s for s in status.stages if s.name == name), None)
@@ -156,13 +161,12 @@ def stage(
     raise typer.Exit(code)
 
 
-@app.command()
 def status(
     run_dir: Annotated[Path, typer.Argument(help="run directory (runs/<run-id>)")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show a run's state, current stage, progress and gate results."""
-    from .pipeline import run_status
+    from ..pipeline import run_status
 
     st = _guard(lambda: run_status(run_dir))
     if as_json:
@@ -171,7 +175,6 @@ def status(
     _print_status(st)
 
 
-@app.command("runs")
 def runs_cmd(
     root: Annotated[Path, typer.Argument(help="folder holding run directories")] = Path("runs"),
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -179,7 +182,7 @@ def runs_cmd(
     """List the runs under a folder (newest first)."""
     import json
 
-    from .pipeline import list_runs
+    from ..pipeline import list_runs
 
     runs = list_runs(root)
     if as_json:
@@ -193,3 +196,10 @@ def runs_cmd(
     out.print(table)
 
 
+def register(app: typer.Typer) -> None:
+    """Add ``run``, ``resume``, ``stage``, ``status`` and ``runs`` to ``app``."""
+    app.command()(run)
+    app.command()(resume)
+    app.command()(stage)
+    app.command()(status)
+    app.command("runs")(runs_cmd)

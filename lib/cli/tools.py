@@ -14,12 +14,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .cli import STATUS_STYLE, app, fail_input, out, thresholds_from
-from .errors import RealignError
-from .gates import EXIT_CODES
+from ..errors import RealignError
+from ..gates import EXIT_CODES
+from ._common import STATUS_STYLE, fail_input, out, thresholds_from
 
 
-@app.command()
 def kl(
     policy: Annotated[str, typer.Argument(help="policy model: a folder (full model or PEFT adapter), 'default' or a hub id")],
     probe: Annotated[Path, typer.Option(help="preference pairs whose completions are scored (any supported format)")],
@@ -39,8 +38,8 @@ def kl(
         fail_input(f"--completion must be chosen or rejected, got '{completion}'")
     if max_examples < 1 or batch_size < 1 or max_length < 8:
         fail_input("--max-examples and --batch-size must be ≥ 1, --max-length ≥ 8")
-    from .backends.trl import kl_between
-    from .backends.trl_train import quiet_hf
+    from ..backends.trl import kl_between
+    from ..backends.trl_train import quiet_hf
 
     quiet_hf()
     try:
@@ -64,3 +63,8 @@ def kl(
                      f"mean per-sequence KL {res.mean_per_sequence:.4g} nats")
     out.print(table)
     raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kl`` to ``app``."""
+    app.command()(kl)

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from .cli import app, err, fail_input, out
-from .errors import InputError, RealignError
+from ..errors import InputError, RealignError
+from ._common import err, fail_input, out
 
 
 def _hardware_table(hw: Any) -> Table:
@@ -54,7 +54,6 @@ def _curve_table(res: Any) -> Table:
     return t
 
 
-@app.command()
 def calibrate(
     model: Annotated[Optional[str], typer.Option(help="model to calibrate: 'default', a path or hub id")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence (prompt + response), as dpo.max_length")] = 256,
@@ -81,7 +80,7 @@ def calibrate(
 ) -> None:
     """Detect the hardware; with --model, measure the DPO batch-size curve; split work
     between nodes (--distribute); write an accelerate config."""
-    from . import hardware_calibrator as hc
+    from .. import hardware_calibrator as hc
 
     if files and not distribute:
         fail_input("calibration files are read only with --distribute")
@@ -174,3 +173,8 @@ def calibrate(
         out.print(f"accelerate config ({plan.strategy}: {plan.reason}) written to "
                   f"{write_accelerate_config}; launch with: accelerate launch --config_file "
                   f"{write_accelerate_config} -m realign.cli stage dpo --run RUN_DIR")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``calibrate`` to ``app``."""
+    app.command()(calibrate)

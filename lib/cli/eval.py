@@ -13,11 +13,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .cli import app, err, fail_input, out
-from .errors import InputError, RealignError
+from ..errors import InputError, RealignError
+from ._common import err, fail_input, out
 
 
-@app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option(help="model directory, hub id, or 'default' (SmolLM2-135M-Instruct)")] = "default",
     suite: Annotated[Optional[list[str]], typer.Option("--suite", help="shipped suite or lm-eval task name (repeatable; default: the shipped suites)")] = None,
@@ -30,7 +29,7 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print the results (with per-item scores) as one JSON object")] = False,
 ) -> None:
     """Benchmark a model on the offline suites or any lm-eval task (per-item results kept)."""
-    from .evaluation import DEFAULT_SUITES, list_suites
+    from ..evaluation import DEFAULT_SUITES, list_suites
 
     if list_only:
         suites = list_suites()
@@ -47,8 +46,8 @@ def eval_cmd(
         return
     if limit is not None and limit < 1:
         fail_input(f"--limit must be >= 1, got {limit}")
-    from .backends.trl import TRLBackend
-    from .evaluation import evaluate_model
+    from ..backends.trl import TRLBackend
+    from ..evaluation import evaluate_model
 
     try:
         handle = TRLBackend().load(model, device=device)
@@ -73,3 +72,8 @@ def eval_cmd(
     out.print(table)
     if any(r.score is None for r in results.suites.values()):
         err.print("[yellow]warning:[/] some suites have no score (see note)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` to ``app``."""
+    app.command("eval")(eval_cmd)

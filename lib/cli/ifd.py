@@ -10,11 +10,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .cli import app, err, fail_input, out
-from .errors import InputError, RealignError
+from ..errors import InputError, RealignError
+from ._common import err, fail_input, out
 
 
-@app.command()
 def ifd(
     data: Annotated[Path, typer.Argument(help="SFT or preference data: .jsonl, .json or .parquet")],
     model: Annotated[str, typer.Option(help="causal LM: a local folder or 'default'")] = "default",
@@ -27,7 +26,7 @@ def ifd(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object: report and per-example scores")] = False,
 ) -> None:
     """IFD = PPL(answer | instruction) ÷ PPL(answer) per example, and its distribution."""
-    from .ifd import ifd_report, ifd_scores, read_examples, select_by_ifd, write_subset
+    from ..ifd import ifd_report, ifd_scores, read_examples, select_by_ifd, write_subset
 
     if (top_k is not None or max_ifd is not None) and write is None:
         fail_input("--top-k/--max-ifd select examples to write: add --write OUT")
@@ -36,8 +35,8 @@ def ifd(
     if batch_size < 1 or max_length < 2:
         fail_input("--batch-size must be ≥ 1 and --max-length ≥ 2")
     try:
-        from .backends.trl import TRLBackend
-        from .backends.trl_train import quiet_hf
+        from ..backends.trl import TRLBackend
+        from ..backends.trl_train import quiet_hf
 
         examples, fmt, raw = read_examples(data)
         if not examples:
@@ -89,7 +88,13 @@ class _progress:
     def __enter__(self):  # type: ignore[no-untyped-def]
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("[bold]IFD"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), console=err, transient=True)
@@ -100,3 +105,8 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``ifd`` to ``app``."""
+    app.command()(ifd)

@@ -1,0 +1,5 @@
+"""``python -m realign.cli ...`` runs the ``realign`` command line."""
+
+from .entry import main
+
+main()
