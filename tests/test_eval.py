@@ -84,6 +84,7 @@ def test_format_checks(check, arg, response, ok):
     assert utils.process_format({"check": check, "arg": arg}, [response]) == {"follows": float(ok)}
 
 
+@pytest.mark.needs("lm_eval")
 def test_unknown_suite_is_input_error():
     with pytest.raises(InputError, match="unknown suite"):
         from realign.evaluation import _task_manager
@@ -101,6 +102,7 @@ def tiny():
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), path
 
 
+@pytest.mark.needs("torch", "transformers", "lm_eval")
 @pytest.mark.integration
 def test_evaluate_model_tiny_all_shipped_suites(tiny):
     model, tok, _ = tiny
@@ -134,6 +136,7 @@ def test_evaluate_model_tiny_all_shipped_suites(tiny):
         assert k.retention is None and "undefined" in k.unmeasured_reason
 
 
+@pytest.mark.needs("torch", "transformers", "lm_eval")
 @pytest.mark.integration
 def test_cli_eval_json_and_list(tiny):
     from typer.testing import CliRunner
@@ -157,6 +160,7 @@ def test_cli_eval_json_and_list(tiny):
         s.name: s.n_items for s in list_suites()}
 
 
+@pytest.mark.needs("torch", "transformers", "lm_eval")
 @pytest.mark.e2e
 def test_hub_task_fails_offline_with_clear_error(tiny, monkeypatch):
     # Indexes lm-eval's whole task tree (tens of seconds on a busy CPU): e2e only.
@@ -170,6 +174,7 @@ def test_hub_task_fails_offline_with_clear_error(tiny, monkeypatch):
         evaluate_model(model, tok, ["no_such_task_xyz"], limit=2)
 
 
+@pytest.mark.needs("torch", "transformers", "lm_eval")
 @pytest.mark.integration
 def test_user_task_folder_via_include_path(tiny, tmp_path):
     # The documented way to add your own offline lm-eval task (docs/capability-assessment.md).

@@ -11,8 +11,10 @@ from typing import Any
 
 import anyio
 import pytest
-from mcp import Client
-from mcp.shared.exceptions import MCPError
+
+pytest.importorskip("mcp", reason="needs the mcp extra (pip install -e '.[mcp]')")
+from mcp import Client  # noqa: E402
+from mcp.shared.exceptions import MCPError  # noqa: E402
 
 pytest.importorskip("realign.pipeline")
 

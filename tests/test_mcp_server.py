@@ -10,15 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import Client
-from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_PARAMS
 
-from realign.decontamination import DecontamConfig
-from realign.gates import PRESETS
-from realign_mcp.paths import PathNotAllowed, PathPolicy
-from realign_mcp.server import build_server
-from realign_mcp.skills import (
+pytest.importorskip("mcp", reason="needs the mcp extra (pip install -e '.[mcp]')")
+from mcp import Client  # noqa: E402
+from mcp.shared.exceptions import MCPError  # noqa: E402
+from mcp_types import INVALID_PARAMS  # noqa: E402
+
+from realign.decontamination import DecontamConfig  # noqa: E402
+from realign.gates import PRESETS  # noqa: E402
+from realign_mcp.paths import PathNotAllowed, PathPolicy  # noqa: E402
+from realign_mcp.server import build_server  # noqa: E402
+from realign_mcp.skills import (  # noqa: E402
     EXTENSION_ID,
     GetSkillParams,
     GetSkillRequest,

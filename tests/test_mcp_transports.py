@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mcp import Client, StdioServerParameters
 
-from realign_mcp.skills import EXTENSION_ID
+pytest.importorskip("mcp", reason="needs the mcp extra (pip install -e '.[mcp]')")
+from mcp import Client, StdioServerParameters  # noqa: E402
+
+from realign_mcp.skills import EXTENSION_ID  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 

