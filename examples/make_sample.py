@@ -3,15 +3,27 @@
 Source: written for this repository by this script; no third-party text. Licence: the
 repository's (Apache-2.0). The pairs teach a simple, checkable preference: a correct,
 direct answer (chosen) over a wrong or evasive one (rejected), on arithmetic, unit
-conversion, capitals and word facts. Lengths are mixed on purpose (the chosen answer
-is not always the longer one) so the length-bias gate is meaningful. Each row carries a
-``reference`` answer (the number or the city) that stage 7's verifier checks when it
-judges the win rate. A handful of
-problems are planted so `realign validate` has something to find: 3 duplicate rows,
-2 identical pairs, 1 empty response and 2 pairs that copy an item of examples/eval.jsonl
-(one verbatim inside a longer prompt, one lower-cased with a number spelled out). The
-capital questions also repeat naturally (a small template space), so expect more
-duplicates than the three planted ones.
+conversion (kilometres to metres, kilograms to grams) and word facts (how many letters
+a word has, a word spelled backwards). Lengths are mixed on purpose (the chosen answer
+is not always the longer one) so the length-bias gate is meaningful. Scores are on a
+1-10 scale (chosen 8-10, rejected 1-4) and use both ends of it. Each row carries a
+``reference`` answer (a number or a word) that stage 7's verifier checks when it
+judges the win rate.
+
+Clean of its own benchmarks: examples/run.yaml evaluates the shipped suites
+realign_knowledge, realign_arith and realign_format (stages 1 and 7), and stage 2
+decontaminates against them. No pair asks or answers one of their items: there are no
+capital, chemical-symbol or everyday-fact questions, and no arithmetic problem uses the
+two numbers of a realign_arith item (read from lib/suites/data/arith.jsonl). The
+regenerated file is checked: 0 pairs contain an item of the three suites.
+
+A handful of problems are planted so `realign validate` has something to find: 3
+duplicate rows (lines 11, 21 (upper-cased), 31), 2 identical pairs (line 41; line 51,
+which differs only by spaces), 1 empty response (line 61) and 2 pairs that copy an item
+of examples/eval.jsonl (line 71 verbatim inside a longer prompt, line 81 lower-cased
+with a number spelled out). Many more duplicates occur naturally (119 besides the three
+planted ones: the word-fact questions come from a small template space), so 1,073 of the
+1,200 pairs are usable.
 
 Run: python examples/make_sample.py
 """
@@ -20,18 +32,38 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 HERE = Path(__file__).parent
+ARITH_SUITE = HERE.parent / "lib" / "suites" / "data" / "arith.jsonl"
 
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi"),
-            ("Peru", "Lima"), ("Norway", "Oslo"), ("Egypt", "Cairo"), ("Chile", "Santiago"),
-            ("Spain", "Madrid"), ("India", "New Delhi"), ("Italy", "Rome"), ("Ghana", "Accra")]
-WRONG = ["I am not sure.", "Probably somewhere in Europe.", "That is hard to say."]
+WORDS = ["garden", "window", "pencil", "river", "basket", "candle", "ladder", "mirror",
+         "rocket", "saddle", "tunnel", "velvet", "wagon", "anchor", "blanket", "button",
+         "cactus", "dragon", "feather", "guitar", "hammer", "island", "jacket", "kettle",
+         "lantern", "marble", "needle", "orchard", "parrot", "quilt", "ribbon", "sandal",
+         "teapot", "umbrella", "violin", "walnut", "yogurt", "zipper", "biscuit", "compass"]
+EVASIVE = ["I am not sure.", "That depends on how you count.", "Hard to say without a dictionary."]
+
+
+def _suite_number_pairs() -> set[tuple[int, int]]:
+    """The two numbers of every realign_arith item ("What is 39 + 7?" -> (39, 7))."""
+    pairs = set()
+    for line in ARITH_SUITE.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            nums = [int(x) for x in re.findall(r"\d+", json.loads(line)["question"])]
+            pairs.add((nums[0], nums[1]))
+    return pairs
+
+
+SUITE_PAIRS = _suite_number_pairs()
 
 
 def arithmetic(rng: random.Random) -> dict:
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    while True:
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        if (a, b) not in SUITE_PAIRS:
+            break
     op = rng.choice(["+", "-", "*"])
     val = {"+": a + b, "-": a - b, "*": a * b}[op]
     prompt = f"What is {a} {op} {b}? Answer with the number."
@@ -44,25 +76,40 @@ def arithmetic(rng: random.Random) -> dict:
             "score_chosen": rng.choice([8, 9, 10]), "score_rejected": rng.choice([1, 2, 3])}
 
 
-def capital(rng: random.Random) -> dict:
-    country, city = rng.choice(CAPITALS)
-    other = rng.choice([c for _, c in CAPITALS if c != city])
-    style = rng.choice(["short", "sentence"])
-    prompt = rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}.",
-                         f"Which city is the capital of {country}? Reply briefly."])
-    chosen = city if style == "short" else f"The capital of {country} is {city}."
-    rejected = rng.choice([f"The capital of {country} is {other}, a large and well known city.",
-                           rng.choice(WRONG)])
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": city,
+def letters(rng: random.Random) -> dict:
+    word = rng.choice(WORDS)
+    n = len(word)
+    prompt = rng.choice([f"How many letters does the word '{word}' have?",
+                         f"Count the letters in '{word}'. Reply with the number only."])
+    chosen = rng.choice([f"{n}", f"The word '{word}' has {n} letters."])
+    wrong = n + rng.choice([-2, -1, 1, 2])
+    rejected = rng.choice([f"{wrong}", f"It has {wrong} letters, counting carefully.",
+                           rng.choice(EVASIVE)])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": str(n),
+            "score_chosen": rng.choice([8, 9, 10]), "score_rejected": rng.choice([1, 2, 3, 4])}
+
+
+def backwards(rng: random.Random) -> dict:
+    word = rng.choice(WORDS)
+    rev = word[::-1]
+    prompt = rng.choice([f"Spell the word '{word}' backwards.",
+                         f"Write '{word}' with its letters in reverse order."])
+    chosen = rng.choice([rev, f"Backwards, '{word}' is {rev}."])
+    scrambled = rev[1:] + rev[0]
+    rejected = rng.choice([scrambled, f"Reversed it reads {word}, the same as before.",
+                           rng.choice(EVASIVE)])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": rev,
             "score_chosen": rng.choice([8, 9, 10]), "score_rejected": rng.choice([1, 2, 3, 4])}
 
 
 def conversion(rng: random.Random) -> dict:
-    km = rng.randint(1, 500)
-    prompt = f"How many meters are in {km} kilometers?"
-    chosen = rng.choice([f"{km * 1000} meters.", f"There are {km * 1000} meters in {km} kilometers."])
-    rejected = rng.choice([f"{km * 100} meters.", f"About {km * 10} meters, since a kilometer is ten meters."])
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": str(km * 1000),
+    n = rng.randint(1, 500)
+    unit, small = rng.choice([("kilometers", "meters"), ("kilograms", "grams")])
+    prompt = f"How many {small} are in {n} {unit}?"
+    chosen = rng.choice([f"{n * 1000} {small}.", f"There are {n * 1000} {small} in {n} {unit}."])
+    rejected = rng.choice([f"{n * 100} {small}.",
+                           f"About {n * 10} {small}, since one of them is ten {small}."])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "reference": str(n * 1000),
             "score_chosen": rng.choice([8, 9, 10]), "score_rejected": rng.choice([1, 2, 3])}
 
 
@@ -77,7 +124,7 @@ EVAL_ITEMS = [
 
 def main() -> None:
     rng = random.Random(0)
-    makers = [arithmetic, capital, conversion]
+    makers = [arithmetic, letters, backwards, conversion]
     rows = [rng.choice(makers)(rng) for _ in range(1200)]
     # planted problems
     rows[10] = dict(rows[3])  # duplicate of row 4 (line 11)

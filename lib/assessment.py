@@ -73,7 +73,14 @@ class BenchmarkRetention(BaseModel):
 
 def retention_gates(thresholds: Thresholds, before: Any, after: Any, *, n_boot: int, seed: int
                     ) -> tuple[list[GateResult], dict[str, BenchmarkRetention]]:
-    """The two retention gates from two :class:`realign.evaluation.BenchmarkResults`."""
+    """The two retention gates from two :class:`realign.evaluation.BenchmarkResults`.
+
+    Every benchmark of the baseline (``before``) and of the evaluated model (``after``)
+    counts. When any has an undefined retention (missing from one side, no per-item
+    scores, different items, or a baseline score of 0), both gates are ``unmeasured``
+    and the detail names each such benchmark with its reason, plus the retentions that
+    were measured: a mean or a minimum over the rest would pass on a subset.
+    """
     from .evaluation import retention_by_suite
 
     per = retention_by_suite(before, after, n_boot=n_boot, seed=seed)
@@ -81,41 +88,45 @@ def retention_gates(thresholds: Thresholds, before: Any, after: Any, *, n_boot: 
     pairs: list[tuple[list[float], list[float]]] = []
     defined: dict[str, float] = {}
     for name, r in per.items():
-        b, a = before.suites[name], after.suites[name]
+        b, a = before.suites.get(name), after.suites.get(name)
+        metric = (b or a).metric  # type: ignore[union-attr]
         table[name] = BenchmarkRetention(
-            suite=name, metric=b.metric, before=r.before_mean if r.before_mean is not None else b.score,
-            after=r.after_mean if r.after_mean is not None else a.score, retention=r.retention,
-            ci95=r.ci95, n=r.n, unmeasured_reason=r.unmeasured_reason)
-        if r.retention is not None:
+            suite=name, metric=metric,
+            before=r.before_mean if r.before_mean is not None else (b.score if b else None),
+            after=r.after_mean if r.after_mean is not None else (a.score if a else None),
+            retention=r.retention, ci95=r.ci95, n=r.n, unmeasured_reason=r.unmeasured_reason)
+        if r.retention is not None and b is not None and a is not None:
             defined[name] = r.retention
             bb, aa = b.by_id(), a.by_id()
             keys = list(bb)
             pairs.append(([bb[k] for k in keys], [aa[k] for k in keys]))
-    missing = [n for n in before.suites if n not in after.suites]
-    for n in missing:
-        table[n] = BenchmarkRetention(suite=n, metric=before.suites[n].metric,
-                                      before=before.suites[n].score, after=None, retention=None,
-                                      ci95=None, n=0, unmeasured_reason="not in the policy's results")
-    left_out = {n: t.unmeasured_reason for n, t in table.items() if t.retention is None}
-    note = ("; left out (undefined retention): " + "; ".join(f"{n}: {why}" for n, why in left_out.items())
-            if left_out else "")
-    if not defined:
-        why = "no benchmark has a defined retention" + note
-        return [thresholds.evaluate("capability_retention", None, detail=f"unmeasured: {why}"),
-                thresholds.evaluate("worst_benchmark_retention", None, detail=f"unmeasured: {why}")], table
+    left_out = {n: t.unmeasured_reason or "undefined" for n, t in table.items() if t.retention is None}
+    if not table:
+        why = "unmeasured: the baseline holds no benchmark results"
+        return [thresholds.evaluate("capability_retention", None, detail=why),
+                thresholds.evaluate("worst_benchmark_retention", None, detail=why)], table
+    if left_out:
+        measured = (f"; measured on the others: {', '.join(f'{k} {v:.3f}' for k, v in defined.items())}"
+                    if defined else "")
+        why = (f"unmeasured: retention is undefined for {len(left_out)} of {len(table)} "
+               "benchmark(s) (" + "; ".join(f"{n}: {w}" for n, w in left_out.items()) + ")"
+               + measured + " — the gate needs every benchmark, not a subset")
+        return [thresholds.evaluate("capability_retention", None, detail=why),
+                thresholds.evaluate("worst_benchmark_retention", None, detail=why)], table
     mean = sum(defined.values()) / len(defined)
     worst = min(defined, key=lambda k: defined[k])
     items = sum(table[n].n for n in defined)
+    w = table[worst]
     gates = [
         thresholds.evaluate(
             "capability_retention", mean, ci95=mean_retention_ci(pairs, n_boot=n_boot, seed=seed),
             detail=f"mean of after ÷ before over {len(defined)} benchmark(s) "
                    f"({', '.join(f'{k} {v:.3f}' for k, v in defined.items())}), {items} items; "
-                   f"paired bootstrap CI, {n_boot} resamples" + note),
+                   f"paired bootstrap CI, {n_boot} resamples"),
         thresholds.evaluate(
-            "worst_benchmark_retention", defined[worst], ci95=table[worst].ci95,
-            detail=f"{worst}: {table[worst].after:.3f} after ÷ {table[worst].before:.3f} before "
-                   f"on {table[worst].n} items ({table[worst].metric})" + note),
+            "worst_benchmark_retention", defined[worst], ci95=w.ci95,
+            detail=f"{worst}: {w.after:.3f} after ÷ {w.before:.3f} before "
+                   f"on {w.n} items ({w.metric})"),
     ]
     return gates, table
 
@@ -285,16 +296,46 @@ def load_baseline_benchmarks(ctx: RunContext) -> tuple[Any, str | None]:
     return BenchmarkResults.model_validate_json(Path(path).read_text(encoding="utf-8")), None
 
 
-def baseline_responses(ctx: RunContext, prompts: list[dict[str, Any]], *, backend: Any
-                       ) -> list[str]:
-    """Greedy responses of the baseline model to ``prompts`` (reused from stage 7's
-    ``winrate.jsonl`` when it holds the same prompts and settings)."""
+def baseline_cache_key(ctx: RunContext) -> dict[str, Any]:
+    """Everything that decides the baseline's greedy responses besides the prompts: the
+    model (path and stage 1's digest of it), ``max_new_tokens``, the generation batch
+    size (padding changes the numerics), the device and dtype it runs on, and the
+    torch / transformers versions. Stored in each ``winrate.jsonl`` record."""
+    from importlib import metadata
+
+    from .backends.trl import pick_device, pick_dtype
+
     ev = ctx.config.evaluation
+    dev = pick_device(ctx.config.device)
+    versions = {}
+    for pkg in ("torch", "transformers"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"model": baseline_model(ctx), "model_digest": ctx.artifacts("sft_baseline").model_digest,
+            "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size,
+            "device": str(dev), "dtype": str(pick_dtype(dev)), **versions}
+
+
+def baseline_responses(ctx: RunContext, prompts: list[dict[str, Any]], *, backend: Any,
+                       key: dict[str, Any] | None = None) -> list[str]:
+    """Greedy responses of the baseline model to ``prompts``, reused from stage 7's
+    ``winrate.jsonl`` only when it holds the same prompts, in order, and every record
+    carries the same :func:`baseline_cache_key` (model, digest, token cap, batch size,
+    device, dtype, versions); otherwise generated."""
+    ev = ctx.config.evaluation
+    key = key if key is not None else baseline_cache_key(ctx)
     cached = ctx.rundir.stage_dir("evaluation") / "winrate.jsonl"
     if cached.is_file():
-        rows = read_jsonl(cached)
-        if [_prompt_key(r["prompt"]) for r in rows] == [_prompt_key(p["prompt"]) for p in prompts] \
-                and all(r.get("max_new_tokens") == ev.max_new_tokens for r in rows):
+        try:
+            rows = read_jsonl(cached)
+        except (OSError, ValueError):
+            rows = []
+        if rows and [_prompt_key(r.get("prompt")) for r in rows] == \
+                [_prompt_key(p["prompt"]) for p in prompts] \
+                and all(r.get("baseline_key") == key and isinstance(r.get("baseline"), str)
+                        for r in rows):
             return [r["baseline"] for r in rows]
     handle = backend.load(baseline_model(ctx), device=ctx.config.device)
     out: list[str] = backend.generate(handle, [p["prompt"] for p in prompts],
@@ -324,9 +365,11 @@ def assess(ctx: RunContext, model_path: str | Path, out: Path, *, win_rate: bool
                                ev.win_rate_prompts)
                if win_rate and held_path and Path(held_path).is_file() else [])
     base_out: list[str] = []
+    key: dict[str, Any] = {}
     if prompts:
         say("baseline responses to held-out prompts")
-        base_out = baseline_responses(ctx, prompts, backend=backend)
+        key = baseline_cache_key(ctx)
+        base_out = baseline_responses(ctx, prompts, backend=backend, key=key)
 
     say("loading the evaluated model")
     handle = backend.load(model_path, device=cfg.device)
@@ -363,7 +406,8 @@ def assess(ctx: RunContext, model_path: str | Path, out: Path, *, win_rate: bool
                                    max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
         del handle
         records = [{"prompt": p["prompt"], "reference": p["reference"], "in_probe": p["in_probe"],
-                    "policy": po, "baseline": bo, "max_new_tokens": ev.max_new_tokens}
+                    "policy": po, "baseline": bo, "max_new_tokens": ev.max_new_tokens,
+                    "baseline_key": key}
                    for p, po, bo in zip(prompts, pol_out, base_out)]
         rm = ctx.artifacts("reward_model").reward_model
         if rm and not Path(rm).is_dir():

@@ -14,6 +14,7 @@ so they pass the same schema and checks as the file.
 from __future__ import annotations
 
 import copy
+import re
 import types
 import typing
 from pathlib import Path
@@ -30,7 +31,7 @@ from pydantic import (
 )
 
 from .errors import InputError
-from .gates import GATE_SPECS, PresetName
+from .gates import GAP_MIN_COVERAGE, GATE_SPECS, PresetName
 from .stages.registry import REGISTRY, STAGES
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "RunConfig",
     "apply_overrides",
     "load_config",
+    "validate_run_id",
 ]
 
 BreachPolicy = Literal["stop", "halve_lr", "rollback"]
@@ -49,6 +51,54 @@ BreachPolicy = Literal["stop", "halve_lr", "rollback"]
 #: say otherwise: the default of ``sft.max_length``, ``reward.max_length`` and
 #: ``dpo.max_length``. Longer sequences are truncated.
 DEFAULT_MAX_LENGTH = 256
+
+#: The longest run id (a folder name; well under every filesystem's name limit).
+RUN_ID_MAX_LENGTH = 128
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def validate_run_id(value: str) -> str:
+    """``value`` when it is a safe run id, else ValueError saying why (TypeError for a
+    value that is not a string).
+
+    A run id names one folder of the runs directory, so it is a single path component:
+    letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit (so never
+    ``.``, ``..`` or a hidden name), no separator, at most :data:`RUN_ID_MAX_LENGTH`
+    characters. Anything else (``../x``, an absolute path, ``a/b``) is bad input: it
+    would put the run outside its runs directory. The run config's ``run_id``, the CLI's
+    ``--run-id`` and the MCP tools all use this rule.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"run_id must be a string, got {type(value).__name__}")
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    if not value:
+        raise ValueError("run_id is empty")
+    if len(value) > RUN_ID_MAX_LENGTH:
+        raise ValueError(f"run_id '{shown}' is {len(value)} characters long (at most "
+                         f"{RUN_ID_MAX_LENGTH})")
+    if value in (".", "..") or not _RUN_ID.fullmatch(value):
+        raise ValueError(f"run_id '{shown}' is not a run name: use one folder name of "
+                         "letters, digits, '.', '_' and '-' that starts with a letter or "
+                         "digit (no '/', '\\', '..' or absolute path)")
+    return value
+
+
+#: Trainer fields that send files elsewhere or read them from elsewhere: refused in
+#: ``dpo.extra`` and ``reward.extra`` alike, besides the keys the stages set themselves
+#: (``output_dir``, ``logging_dir``, ... in ``DPO_OWNED_KEYS`` / ``REWARD_OWNED_KEYS``).
+#: Every file of a run stays in its run directory, and every file it reads is named by a
+#: config field that is checked.
+_WHERE_FILES_GO: dict[str, str] = {
+    "push_to_hub": "a run uploads nothing; the deployed model is in the run directory",
+    "hub_model_id": "a run uploads nothing; the deployed model is in the run directory",
+    "hub_strategy": "a run uploads nothing; the deployed model is in the run directory",
+    "hub_token": "a run uploads nothing; the deployed model is in the run directory",
+    "hub_private_repo": "a run uploads nothing; the deployed model is in the run directory",
+    "resume_from_checkpoint": "the stage resumes from its own checkpoints (resume the run)",
+    "overwrite_output_dir": "the stage owns its output folder inside the run directory",
+    "deepspeed": "set the launch up with accelerate (`realign calibrate` writes its config)",
+    "fsdp_config": "set the launch up with accelerate (`realign calibrate` writes its config)",
+}
 
 #: ``trl.DPOConfig`` fields that stage 5 sets itself (``realign.backends.trl_train.dpo_config``
 #: builds them from the ``dpo:`` section, the run's seed, device and folder), with the field
@@ -268,7 +318,7 @@ class RewardModelConfig(_Strict):
     @field_validator("extra")
     @classmethod
     def _extra_not_owned(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _refuse_owned(v, _REWARD_OWNED, "reward")
+        _refuse_owned(v, {**_REWARD_OWNED, **_WHERE_FILES_GO}, "reward")
         return v
 
     @field_validator("lora")
@@ -360,7 +410,7 @@ class DPOStageConfig(_Strict):
     @field_validator("extra")
     @classmethod
     def _extra_not_owned(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _refuse_owned(v, _DPO_OWNED, "dpo")
+        _refuse_owned(v, {**_DPO_OWNED, **_WHERE_FILES_GO}, "dpo")
         return v
 
     @field_validator("lora")
@@ -405,6 +455,27 @@ class KLMonitorConfig(_Strict):
         8, ge=1,
         description="Probe sequences per forward pass (≥ 1) in stage 3 (initial_kl, "
                     "reference statistics) and in the stage-5 checks. Default: 8.")
+    gate_prompts: int = Field(
+        16, ge=1,
+        description="Held-out prompts (≥ 1) for stage 5's kl_divergence gate: the first "
+                    "gate_prompts distinct prompts of the held-out pairs after the KL probe "
+                    "whose prompt is not a probe prompt (fewer when there are fewer). One "
+                    "response per prompt is sampled from the selected model (temperature 1, "
+                    "seeded by the run's seed) and the gate is the mean per-token KL along "
+                    "those responses. None outside the probe: the gate is unmeasured. "
+                    "Default: 16.")
+    gate_max_new_tokens: int = Field(
+        32, ge=1,
+        description="Most tokens (≥ 1) of each response sampled for the kl_divergence gate; "
+                    "a response ends earlier at its end-of-sequence token. The cost of the "
+                    "gate grows with gate_prompts × gate_max_new_tokens. Default: 32.")
+    gate_pairs: int = Field(
+        32, ge=1,
+        description="Held-out pairs (≥ 1) for stage 5's reward_margin gate (and the "
+                    "teacher-forced KL reported beside the kl_divergence gate): the first "
+                    "gate_pairs held-out pairs after the KL probe whose prompt is not a probe "
+                    "prompt (fewer when there are fewer). None outside the probe: the gate is "
+                    "unmeasured. Default: 32.")
 
 
 class EvaluationConfig(_Strict):
@@ -468,8 +539,16 @@ class RunConfig(_Strict):
     score_scale: str = Field(
         "auto",
         description="Scale of score_chosen/score_rejected in data, for preference_gap: LO-HI "
-                    "(e.g. 1-10, LO < HI) or auto (the first of 0-1, 1-5, 1-10, 0-10, 0-100 "
-                    "that holds every score). Default: auto.")
+                    "(e.g. 1-10, LO < HI; a score outside it is bad input) or auto: a scale is "
+                    "read from the scores only when they leave no doubt (their lowest and "
+                    "highest values are the two ends of one of 0-1, 1-5, 1-10, 0-10, 0-100), "
+                    "else preference_gap is unmeasured until you declare it. Default: auto.")
+    gap_min_coverage: float = Field(
+        GAP_MIN_COVERAGE, gt=0, le=1,
+        description="Least share of the usable pairs (0 < share ≤ 1) that must carry both "
+                    "scores for stage 2 to measure preference_gap from them; below it the gate "
+                    "is unmeasured (stage 4 then measures it with the reward model). Default: "
+                    f"{GAP_MIN_COVERAGE}.")
     skip_bad_rows: bool = Field(
         False,
         description="true: skip malformed rows of data and list them in the findings; "
@@ -498,7 +577,9 @@ class RunConfig(_Strict):
                     "to where realign runs, not to the config. Default: runs.")
     run_id: str | None = Field(
         None,
-        description="Name of the run directory; an existing run is refused (use `realign "
+        description="Name of the run directory: one folder name of letters, digits, '.', '_' "
+                    "and '-', starting with a letter or digit, at most 128 characters (no "
+                    "'/', '..' or absolute path). An existing run is refused (use `realign "
                     "resume`). null: a timestamp (YYYYMMDD-HHMMSS). Default: null.")
     seed: int = Field(
         0, ge=0, le=2**32 - 1,
@@ -527,6 +608,11 @@ class RunConfig(_Strict):
     evaluation: EvaluationConfig = Field(
         default_factory=EvaluationConfig,
         description="Stage 7: capability retention, win rate and rollback.")
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        return None if v is None else validate_run_id(v)
 
     @field_validator("thresholds", "allow_gate_failures")
     @classmethod

@@ -17,7 +17,18 @@ Accepted row shapes (TRL's preference formats):
 * implicit prompt: no ``prompt``; ``chosen``/``rejected`` hold the whole text or
   conversation. The prompt is their longest common prefix (whole messages for
   conversations, whole words for strings), as TRL's ``extract_prompt`` does.
-* optional ``score_chosen``/``score_rejected`` numbers.
+* optional ``score_chosen``/``score_rejected`` numbers (finite: ``NaN`` and
+  ``Infinity`` are bad input naming the row and field).
+
+Which optional fields (``prompt``, the scores) a file has is learned from the whole file,
+not from its first rows: a JSONL file's first rows are parsed, and the rest is searched
+for each key not seen there (a byte search for ``"key":``, each candidate line confirmed
+with a JSON parse), so a field that first appears on row 1,001 still counts.
+
+Bad input is an :class:`~realign.errors.InputError` naming file, line and field, never a
+traceback: invalid UTF-8, malformed JSON, JSON nested too deeply to parse, lone UTF-16
+surrogates (``"\\ud800"``), wrong types, and an input that is not a regular file or a
+folder (a FIFO or a device would block or never end).
 
 Line numbers are 1-based physical lines for JSONL and row index + 1 otherwise.
 """
@@ -26,8 +37,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import mmap
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +59,13 @@ Style = Literal["standard", "conversational"]
 
 #: Bytes per JSONL block handed to Arrow's parser.
 DEFAULT_BLOCK_BYTES = 16 << 20
-#: Rows (and bytes) read up front to learn which optional fields a JSON/JSONL file has.
+#: Rows (and bytes) read up front to learn a JSONL file's row shape; optional fields
+#: missing from them are then searched for in the whole file (:meth:`PairSource._sniff`).
 SNIFF_ROWS = 1000
 SNIFF_BYTES = 1 << 20
+#: Fields whose presence anywhere in the file changes how every row is read.
+OPTIONAL_FIELDS = ("prompt", "score_chosen", "score_rejected")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape in raw JSON
 _BOM = b"\xef\xbb\xbf"
 #: Arrow parses a JSONL block in pieces of this size, on its own thread pool.
 ARROW_BLOCK_BYTES = 4 << 20
@@ -158,6 +176,7 @@ class PairSource:
             else:
                 raise InputError("file not found", file=self.name)
         else:
+            check_readable(self.path, self.name)
             self.format = detect_format(self.path)
         self.total_bytes = _size(self.path) if self.format != "hub" else 0
         self._columns: list[str] = []
@@ -175,11 +194,17 @@ class PairSource:
             if not isinstance(first, dict):
                 raise InputError(f"expected a JSON object per row, got {_type_name(first)}",
                                  file=self.name, line=line)
-            # optional fields (prompt, scores) may be absent from the first row only
+            # optional fields (prompt, scores) may be absent from the first rows: learn
+            # them from the whole file
             keys = set().union(*(r for r, _ in records if isinstance(r, dict)))
             chosen = first.get("chosen")
             if "chosen" not in first:
                 keys.discard("chosen")
+            if self.format == "json":
+                keys |= {k for o in self._load_json_array() if isinstance(o, dict)
+                         for k in OPTIONAL_FIELDS if k in o}
+            else:
+                keys |= self._keys_in_file([k for k in OPTIONAL_FIELDS if k not in keys])
         else:
             schema = self._arrow_schema()
             keys = set(schema.names)
@@ -222,12 +247,7 @@ class PairSource:
                 if not raw.strip():
                     continue
                 try:
-                    text = _decode(raw, self.name, i)
-                    try:
-                        out.append((json.loads(text), i))
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
-                                         file=self.name, line=i) from None
+                    out.append((_parse_line(raw, self.name, i), i))
                 except InputError:
                     if not self.skip_bad_rows:
                         raise
@@ -237,6 +257,53 @@ class PairSource:
         if not out:
             raise InputError("empty file: no rows", file=self.name)
         return out
+
+    def _keys_in_file(self, wanted: list[str]) -> set[str]:
+        """Which of ``wanted`` are top-level keys of some row anywhere in a JSONL file.
+
+        A byte search for ``"key"`` followed by ``:`` (inside a JSON string a quote is
+        escaped, so an unescaped ``"key":`` is a key of some object); the line of each
+        candidate is parsed to confirm the key is a top-level one. Lines that do not parse
+        are passed over (the reader reports them in order).
+        """
+        found: set[str] = set()
+        if not wanted:
+            return found
+        with self.path.open("rb") as fh:
+            try:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except (ValueError, OSError):  # empty file, or a file that cannot be mapped
+                return found
+            with mm:
+                size = len(mm)
+                scores = [k for k in wanted if k.startswith("score_")]
+                if len(scores) > 1 and mm.find(b'"score_') < 0:  # one pass rules both out
+                    wanted = [k for k in wanted if k not in scores]
+                for key in wanted:
+                    pat = b'"' + key.encode() + b'"'
+                    pos = 0
+                    while True:
+                        i = mm.find(pat, pos)
+                        if i < 0:
+                            break
+                        j = i + len(pat)
+                        while j < size and mm[j] in b" \t\r\n":
+                            j += 1
+                        if j >= size or mm[j] != ord(":"):
+                            pos = i + 1
+                            continue
+                        start = mm.rfind(b"\n", 0, i) + 1
+                        end = mm.find(b"\n", i)
+                        end = size if end < 0 else end
+                        try:
+                            obj = json.loads(mm[start:end].decode("utf-8-sig"))
+                        except (ValueError, RecursionError):
+                            obj = None
+                        if isinstance(obj, dict) and key in obj:
+                            found.add(key)
+                            break
+                        pos = end + 1
+        return found
 
     _json_cache: list[Any] | None = None
 
@@ -249,8 +316,14 @@ class PairSource:
             except json.JSONDecodeError as e:
                 raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
                                  file=self.name, line=e.lineno) from None
+            except RecursionError:
+                raise InputError(f"JSON nested too deeply to parse (more than about "
+                                 f"{_max_depth()} levels)", file=self.name) from None
             if not isinstance(data, list):
                 raise InputError("expected a JSON array of objects", file=self.name)
+            if _SURROGATE_ESCAPE.search(raw):
+                for i, obj in enumerate(data, start=1):
+                    _check_surrogates(obj, self.name, i)
             self._json_cache = data
         return self._json_cache
 
@@ -391,12 +464,7 @@ class PairSource:
             if not raw.strip():
                 continue
             try:
-                text = _decode(raw, self.name, line)
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
-                                     file=self.name, line=line) from None
+                obj = _parse_line(raw, self.name, line)
                 rows.append(self._check_row(obj, line))
                 keep.append(raw)
                 numbers.append(line)
@@ -437,7 +505,14 @@ class PairSource:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise InputError(f"expected a number, got {_type_name(value)}",
                                      file=self.name, line=line, field=name)
-                out[name] = float(value)
+                try:
+                    number = float(value)
+                except OverflowError:
+                    number = math.inf
+                if not math.isfinite(number):
+                    raise InputError(f"expected a finite number, got {_non_finite(value)}",
+                                     file=self.name, line=line, field=name)
+                out[name] = number
         return out
 
     def _json_blocks(self) -> Iterator[PairBlock]:
@@ -542,7 +617,14 @@ class PairSource:
                     raise InputError(f"expected a number, got {col.type}", file=self.name,
                                      line=int(lines[0].as_py()) if len(lines) else None,
                                      field=name)
-                cols[name] = pc.cast(col, pa.float64())
+                col = pc.cast(col, pa.float64())
+                bad = pc.invert(pc.is_finite(col)).fill_null(False)
+                if pc.any(bad).as_py():
+                    idx = pc.index(bad, True).as_py()
+                    raise InputError(
+                        f"expected a finite number, got {_non_finite(col[idx].as_py())}",
+                        file=self.name, line=int(lines[idx].as_py()), field=name)
+                cols[name] = col
             else:
                 cols[name] = pa.nulls(len(lines), pa.float64())
         return pa.Table.from_pydict({k: cols[k] for k in NORMALIZED_SCHEMA.names},
@@ -639,6 +721,74 @@ def _type_name(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean",
             int: "number", float: "number", type(None): "null"}.get(type(value),
                                                                    type(value).__name__)
+
+
+def check_readable(path: Path, name: str | None = None) -> None:
+    """Refuse what cannot be read as a file or a dataset folder: a FIFO, a socket or a
+    device (reading one would block or never end), and paths without read permission."""
+    name = str(path) if name is None else name
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", file=name) from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else
+                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise InputError(f"is {kind}, not a regular file or a folder", file=name)
+    if not os.access(path, os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)):
+        raise InputError("permission denied", file=name)
+
+
+def _max_depth() -> int:
+    import sys
+
+    return sys.getrecursionlimit()
+
+
+def _parse_line(raw: bytes, file: str, line: int) -> Any:
+    """One JSONL line -> its JSON value, or an :class:`InputError` naming the line."""
+    text = _decode(raw, file, line)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
+                         file=file, line=line) from None
+    except RecursionError:
+        raise InputError(f"JSON nested too deeply to parse (more than about {_max_depth()} "
+                         "levels)", file=file, line=line) from None
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_surrogates(obj, file, line)
+    return obj
+
+
+def _check_surrogates(obj: Any, file: str, line: int, field: str | None = None) -> None:
+    """A JSON ``\\uD800``-``\\uDFFF`` escape that is not half of a pair decodes to a lone
+    surrogate, which is not a character (it cannot be written as UTF-8): bad input."""
+    stack: list[tuple[Any, str | None]] = [(obj, field)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(
+                    f"lone surrogate \\u{ord(value[e.start]):04x} (character {e.start + 1}): "
+                    "not a Unicode character", file=file, line=line, field=where) from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((k, where))
+                stack.append((v, where if where is not None else k))
+        elif isinstance(value, list):
+            stack.extend((v, where) for v in value)
+
+
+def _non_finite(value: Any) -> str:
+    if isinstance(value, int):
+        return "a number too large for a float"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
 
 
 def _decode(raw: bytes, file: str, line: int) -> str:

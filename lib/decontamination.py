@@ -47,10 +47,12 @@ prompt.)
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
+import keyword
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from .errors import InputError
-from .text_hash import prepare, word_hashes
+from .text_hash import _ZW_RE, mix64, prepare, row_hashes, word_hashes
 
 #: Fields looked for, in this order, when an evaluation set row names no text field.
 DEFAULT_EVAL_FIELDS: tuple[str, ...] = (
@@ -103,14 +105,18 @@ class DecontamConfig(BaseModel):
                                 description="share of an item's words that must be covered")
     max_item_df: int = Field(20, ge=1,
                              description="n-grams in more items than this are template text")
-    min_item_words: int = Field(3, ge=1, description="shorter items are not checked")
+    min_item_words: int = Field(3, ge=1,
+                                description="shorter items are matched only as a whole text "
+                                            "or a whole sentence (exact match)")
 
 
 def normalize_text(texts: pa.Array) -> pa.Array:
-    """NFKC, lower case, non-alphanumeric runs -> one space (Arrow kernels)."""
+    """NFKC, zero-width characters removed, lower case, non-alphanumeric runs -> one
+    space (Arrow kernels)."""
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         texts = pc.cast(texts, pa.string())
     t = pc.utf8_normalize(texts, "NFKC")
+    t = pc.replace_substring_regex(t, _ZW_RE, "")  # invisible: "foo\u200bbar" is "foobar"
     t = pc.utf8_lower(t)
     return pc.utf8_trim_whitespace(pc.replace_substring_regex(t, r"[^\pL\pN]+", " "))
 
@@ -139,11 +145,16 @@ def gram_hashes(h: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass
 class EvalSet:
-    """An evaluation set: items (raw text) and where each came from (1-based line)."""
+    """An evaluation set: items (raw text) and where each came from (1-based line).
+
+    ``name`` is what hits report: the file given, or the benchmark's name (a shipped suite
+    or an lm-eval task). ``ids``: the items' own ids, when they have them.
+    """
 
     name: str
     texts: list[str]
     lines: list[int]
+    ids: list[str] | None = None
 
 
 def load_eval_set(path: str | Path, field: str | None = None) -> EvalSet:
@@ -153,61 +164,100 @@ def load_eval_set(path: str | Path, field: str | None = None) -> EvalSet:
     present in the row is used. A ``messages``/list field uses the messages' contents.
     Plain text files (``.txt`` or anything not JSON/Parquet): one item per non-empty line.
     """
+    from .data import check_readable
+
     p = Path(path)
     name = str(path)
     if not p.exists():
         raise InputError("evaluation set not found", file=name)
+    check_readable(p, name)
     rows: list[tuple[int, Any]] = []
     suffix = p.suffix.lower()
-    if p.is_dir() or suffix == ".parquet":
-        if p.is_dir():
+    try:
+        if p.is_dir() or suffix == ".parquet":
+            rows = list(enumerate(_arrow_rows(p, name), start=1))
+        elif suffix in (".jsonl", ".json", ".ndjson"):
+            rows = _json_rows(p.read_bytes(), name)
+        else:
             try:
-                import datasets
-            except ImportError:
-                raise InputError("reading a saved dataset needs `pip install datasets`",
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise InputError("invalid UTF-8 (text evaluation sets are one item per line)",
                                  file=name) from None
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["test"] if "test" in ds else ds[list(ds)[0]]
-            table = ds.data.table
-        else:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(p)
-        rows = list(enumerate(table.to_pylist(), start=1))
-    elif suffix in (".jsonl", ".json", ".ndjson"):
-        raw = p.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise InputError("invalid UTF-8", file=name,
-                             line=raw.count(b"\n", 0, e.start) + 1) from None
-        if text.lstrip().startswith("["):
-            try:
-                rows = list(enumerate(json.loads(text), start=1))
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg}", file=name, line=e.lineno) from None
-        else:
-            for i, ln in enumerate(text.split("\n"), start=1):
-                if ln.strip():
-                    try:
-                        rows.append((i, json.loads(ln)))
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"malformed JSON: {e.msg}", file=name, line=i) from None
-    else:
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InputError("invalid UTF-8 (text evaluation sets are one item per line)",
-                             file=name) from None
-        rows = [(i, ln) for i, ln in enumerate(text.split("\n"), start=1) if ln.strip()]
-    texts, lines = [], []
+            rows = [(i, ln) for i, ln in enumerate(text.split("\n"), start=1) if ln.strip()]
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", file=name) from None
+    texts, lines, ids = [], [], []
     for line, row in rows:
         texts.append(_item_text(row, field, name, line))
         lines.append(line)
+        ids.append(str(row["id"]) if isinstance(row, dict) and "id" in row else None)
     if not texts:
         raise InputError("evaluation set is empty", file=name)
-    return EvalSet(name=name, texts=texts, lines=lines)
+    return EvalSet(name=name, texts=texts, lines=lines,
+                   ids=ids if any(i is not None for i in ids) else None)
+
+
+def _arrow_rows(p: Path, name: str) -> list[Any]:
+    """Rows of a Parquet file or a saved ``datasets`` folder (a DatasetDict: its test split,
+    else its first)."""
+    if p.is_dir():
+        if not any((p / f).exists() for f in ("dataset_info.json", "dataset_dict.json",
+                                              "state.json")):
+            raise InputError("is a folder but not a saved `datasets` dataset (no "
+                             "dataset_info.json or dataset_dict.json); give a file",
+                             file=name)
+        try:
+            import datasets
+        except ImportError:
+            raise InputError("reading a saved dataset needs `pip install datasets`",
+                             file=name) from None
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds
+            raise InputError(f"cannot load dataset: {' '.join(str(e).split())}",
+                             file=name) from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["test"] if "test" in ds else ds[list(ds)[0]]
+        table = ds.data.table
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
+            raise InputError(f"cannot read Parquet: {e}", file=name) from None
+    return table.to_pylist()
+
+
+def _json_rows(raw: bytes, name: str) -> list[tuple[int, Any]]:
+    """(line, value) of a JSON array (line = index + 1) or of JSONL (physical line)."""
+    from .data import _check_surrogates, _max_depth, _parse_line
+
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError("invalid UTF-8", file=name,
+                         line=raw.count(b"\n", 0, e.start) + 1) from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON: {e.msg}", file=name, line=e.lineno) from None
+        except RecursionError:
+            raise InputError(f"JSON nested too deeply to parse (more than about "
+                             f"{_max_depth()} levels)", file=name) from None
+        rows = list(enumerate(data, start=1))
+        for i, row in rows:
+            _check_surrogates(row, name, i)
+        return rows
+    out = []
+    for i, ln in enumerate(raw.split(b"\n"), start=1):
+        if i == 1 and ln.startswith(b"\xef\xbb\xbf"):
+            ln = ln[3:]
+        if ln.strip():
+            out.append((i, _parse_line(ln, name, i)))
+    return out
 
 
 def _item_text(row: Any, field: str | None, file: str, line: int) -> str:
@@ -228,9 +278,15 @@ def _item_text(row: Any, field: str | None, file: str, line: int) -> str:
                 file=file, line=line)
         value = row[key]
     if isinstance(value, list):
-        value = "\n".join(m.get("content", "") if isinstance(m, dict) else str(m) for m in value)
+        value = "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m)
+                          for m in value)
     if not isinstance(value, str):
         value = str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"lone surrogate \\u{ord(value[e.start]):04x}: not a Unicode "
+                         "character", file=file, line=line, field=field) from None
     return value
 
 
@@ -242,6 +298,121 @@ class Hit:
     eval_set: str
     item_line: int
     coverage: float
+    item_id: str | None = None
+    method: str = "ngram"
+
+
+# ------------------------------------------------------------------ identifiers in code
+#: Every identifier a code text defines or calls is replaced by this one word before
+#: normalization, so a copy with its function renamed throughout is the same item.
+CODE_NAME_TOKEN = "xidentx"
+_DEF = re.compile(r"\bdef\s+([A-Za-z_]\w*)\s*\(([^)]*)\)")
+_CLASS = re.compile(r"\bclass\s+([A-Za-z_]\w*)\s*[:(]")
+_CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\(")
+_PARAM = re.compile(r"^\s*\**\s*([A-Za-z_]\w*)")
+_TRIPLE = re.compile(r"(\"\"\"|\'\'\')(.*?)(\1|$)", re.S)
+#: What makes a text code (the same test in Python and, on Arrow arrays, in RE2): a
+#: ``def``/``class`` statement, a doctest prompt ``>>>``, or a call of a snake_case or
+#: camelCase name (``similar_elements(``, ``hasCloseElements(``). Prose that mentions
+#: ``Note(`` or ``f(x)`` is not code and is never masked.
+CODE_HINT = (r"(?m)^[ \t]*(def|class)[ \t]+[A-Za-z_][A-Za-z0-9_]*[ \t]*[(:]|>>>|"
+             r"[A-Za-z][A-Za-z0-9]*_[A-Za-z0-9_]*\(|[a-z][a-z0-9]*[A-Z][A-Za-z0-9_]*\(")
+_CODE_EVIDENCE = re.compile(CODE_HINT)
+_NOT_NAMES = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins))
+
+
+def code_names(text: str) -> set[str]:
+    """The identifiers a text defines or calls: ``def NAME(PARAMS)`` (the name and its
+    parameters), ``class NAME``, and ``NAME(`` calls that are not methods (``.NAME(``),
+    Python keywords or builtins (``len``, ``print``, ...)."""
+    names: set[str] = set()
+    for m in _DEF.finditer(text):
+        names.add(m.group(1))
+        for part in m.group(2).split(","):
+            pm = _PARAM.match(part.split(":")[0].split("=")[0])
+            if pm:
+                names.add(pm.group(1))
+    names.update(m.group(1) for m in _CLASS.finditer(text))
+    names.update(m.group(1) for m in _CALL.finditer(text))
+    return {n for n in names if n not in _NOT_NAMES}
+
+
+def mask_code(text: str) -> str:
+    """Replace the identifiers of :func:`code_names` by :data:`CODE_NAME_TOKEN`.
+
+    Outside docstrings (triple-quoted strings) every whole-word occurrence is replaced;
+    inside them only doctest lines (``>>>`` / ``...``) and ``NAME(`` calls, so the
+    docstring's prose keeps its words. Texts that are not code (:data:`CODE_HINT`) or
+    name nothing are returned unchanged.
+    """
+    if not _CODE_EVIDENCE.search(text):
+        return text
+    names = code_names(text)
+    if not names:
+        return text
+    alts = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    every = re.compile(rf"(?<![\w])(?:{alts})(?![\w])")
+    called = re.compile(rf"(?<![\w.])(?:{alts})(?=\()")
+    tok = f" {CODE_NAME_TOKEN} "
+
+    def doc(body: str) -> str:
+        out = []
+        for ln in body.split("\n"):
+            head = ln.lstrip()
+            out.append(every.sub(tok, ln) if head.startswith((">>>", "...")) else
+                       called.sub(tok, ln))
+        return "\n".join(out)
+
+    parts, pos = [], 0
+    for m in _TRIPLE.finditer(text):
+        parts.append(every.sub(tok, text[pos:m.start()]))
+        parts.append(m.group(1) + doc(m.group(2)) + m.group(3))
+        pos = m.end()
+    parts.append(every.sub(tok, text[pos:]))
+    return "".join(parts)
+
+
+def mask_code_array(texts: pa.Array) -> pa.Array:
+    """:func:`mask_code` of every text that :data:`CODE_HINT` marks as possible code."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if len(texts) == 0:
+        return texts
+    hint = pc.match_substring_regex(texts, CODE_HINT).fill_null(False)
+    idx = np.flatnonzero(np.asarray(hint, dtype=bool))
+    if not len(idx):
+        return texts
+    values = texts.take(pa.array(idx)).to_pylist()
+    masked = pa.array([mask_code(v) for v in values], pa.string())
+    mask = np.zeros(len(texts), dtype=bool)
+    mask[idx] = True
+    return pc.replace_with_mask(texts, pa.array(mask), pc.cast(masked, texts.type))
+
+
+# ------------------------------------------------------------------ exact match (rule 5)
+_SENTENCE_END = r"([.!?])\s+"
+_EXACT_SALT = 0x2545F4914F6CDD1D
+
+
+def sentence_segments(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Each text whole, then each of its sentences (split after ``.``, ``!`` or ``?``
+    followed by whitespace, and at line breaks), with the index of the text each came
+    from."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    texts = texts.fill_null("")
+    marked = pc.replace_substring_regex(texts, _SENTENCE_END, "\\1\n")
+    parts = pc.split_pattern(marked, "\n")
+    flat = pc.list_flatten(parts)
+    parent = np.asarray(pc.list_parent_indices(parts), dtype=np.int64)
+    segs = pa.concat_arrays([pc.cast(texts, pa.string()), pc.cast(flat, pa.string())])
+    return segs, np.concatenate([np.arange(len(texts), dtype=np.int64), parent])
+
+
+def _sequence_keys(wh: Any) -> np.ndarray:
+    """One 64-bit key per text from its word sequence and its length."""
+    k = row_hashes(wh, _EXACT_SALT)
+    return mix64(k ^ (wh.counts.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
 
 
 @dataclass
@@ -300,13 +471,18 @@ class NgramIndex:
         cfg, n = self.config, self.config.ngram
         self.item_set: list[int] = []
         self.item_line: list[int] = []
+        self.item_id: list[str | None] = []
         all_texts: list[str] = []
         for s_idx, s in enumerate(self.sets):
             all_texts.extend(s.texts)
             self.item_set.extend([s_idx] * len(s.texts))
             self.item_line.extend(s.lines)
+            self.item_id.extend(s.ids if s.ids is not None else [None] * len(s.texts))
         self.n_items = len(all_texts)
-        norm = normalize_text(pa.array(all_texts, pa.string()))
+        # rule 6: identifiers in code; documents are masked too only when some item is code
+        masked = [mask_code(t) for t in all_texts]
+        self.mask_code = any(m != t for m, t in zip(masked, all_texts))
+        norm = normalize_text(pa.array(masked, pa.string()))
         words = [t.split() for t in norm.to_pylist()]
         wh = word_hashes(norm, "alnum")
         assert wh.counts.tolist() == [len(w) for w in words]
@@ -392,15 +568,37 @@ class NgramIndex:
                                      ).astype(np.int64)
         self.n_anchor = np.bincount(item_of, weights=anchor, minlength=self.n_items
                                     ).astype(np.int64)
+        # numbers inside an indexed n-gram must lie inside the matched window (rule 3)
+        self.anchor_flat = anchor
+        self.n_cov_anchor = np.bincount(item_of, weights=anchor & covered,
+                                        minlength=self.n_items).astype(np.int64)
         # per item: its numbers, each as (hash as written, hash of the other spelling)
         pairs_ = np.stack([prim, alt], axis=1)
         self.anchor_hashes = [pairs_[self.item_start[i]: self.item_start[i] + self.item_len[i]][
             anchor[self.item_start[i]: self.item_start[i] + self.item_len[i]]].ravel()
             for i in range(self.n_items)]
-        # unchecked: too short, or every n-gram was template text
-        self.skipped_items = int((~checkable).sum() + (checkable & (self.coverable == 0)).sum())
+        # how each item is checked (rule 5): n-gram coverage, whole (shorter than n words),
+        # exact match of a whole text or sentence (fewer than min_item_words words, or only
+        # template n-grams), or not at all (no words)
+        has_words = self.item_len > 0
+        by_ngram = checkable & (self.item_len >= n) & (self.coverable > 0)
+        whole = checkable & (self.item_len < n)
+        exact = has_words & ~by_ngram & ~whole
+        self.item_method = np.where(by_ngram, 0, np.where(whole, 1, np.where(exact, 2, 3)))
+        self.method_counts = {"ngram": int(by_ngram.sum()), "whole": int(whole.sum()),
+                              "exact": int(exact.sum())}
+        self.skipped_items = int((~has_words).sum())
         self.n_checked = self.n_items - self.skipped_items
         self.coverable = np.maximum(self.coverable, 1)
+        ex = np.flatnonzero(exact)
+        if len(ex):
+            keys = _sequence_keys(wh)[ex]
+            order = np.argsort(keys, kind="stable")  # equal keys: the earliest item first
+            keys, ex = keys[order], ex[order]
+            first = np.concatenate([[True], keys[1:] != keys[:-1]])
+            self.exact_keys, self.exact_item = keys[first], ex[first]
+        else:
+            self.exact_keys = self.exact_item = np.zeros(0, dtype=np.uint64)
         self._maxlen = int(self.item_len.max()) + 1 if self.n_items else 1
 
     def _candidates(self, doc: np.ndarray, item: np.ndarray, n: int) -> np.ndarray:
@@ -452,6 +650,12 @@ class NgramIndex:
         w_pair = pair[w_key[c_win[edge[:-1]]] // n_band]
         w_item = w_pair % self.n_items
         cov = counts / self.coverable[w_item]
+        need = self.n_cov_anchor[w_item]
+        if need.any():  # every coverable number of the item lies inside the window
+            c_item = np.repeat(w_item, counts)
+            is_num = self.anchor_flat[self.item_start[c_item] + cells % maxlen]
+            got = np.add.reduceat(is_num.astype(np.int64), edge[:-1])
+            cov = np.where(got >= need, cov, 0.0)
         return w_pair // self.n_items, w_item, cov
 
     def _numbers_present(self, item: int, words: np.ndarray) -> bool:
@@ -469,12 +673,36 @@ class NgramIndex:
         Returns, for each contaminated document, the item with the highest coverage among
         those that pass the rule (ties: the earliest item, so the first evaluation set).
         """
-        if not fields or len(fields[0]) == 0 or not self.tables:
+        if not fields or len(fields[0]) == 0 or not (self.tables or len(self.exact_keys)):
             return []
         n_docs = len(fields[0])
         best_cov = np.zeros(n_docs)
         best_item = np.full(n_docs, -1, dtype=np.int64)
+
+        def update(p_doc: np.ndarray, p_item: np.ndarray, coverage: np.ndarray) -> None:
+            # best item per document: highest coverage; ties go to the earliest item
+            # (the first evaluation set given). Last write wins in the assignment.
+            better = (coverage > best_cov[p_doc]) | (
+                (coverage == best_cov[p_doc]) & (coverage > 0)
+                & ((best_item[p_doc] < 0) | (p_item < best_item[p_doc])))
+            order = np.lexsort((-p_item[better], coverage[better]))
+            bd, bi, bc = p_doc[better][order], p_item[better][order], coverage[better][order]
+            best_cov[bd] = bc
+            best_item[bd] = bi
+
         for col in fields:
+            if self.mask_code:
+                col = mask_code_array(col)
+            if len(self.exact_keys):
+                segs, parent = sentence_segments(col)
+                keys = _sequence_keys(text_word_hashes(segs))
+                pos = np.minimum(np.searchsorted(self.exact_keys, keys), len(self.exact_keys) - 1)
+                ok = np.flatnonzero(self.exact_keys[pos] == keys)
+                if len(ok):
+                    update(parent[ok], self.exact_item[pos[ok]].astype(np.int64),
+                           np.ones(len(ok)))
+            if not self.tables:
+                continue
             wh = text_word_hashes(col)
             if not len(wh.hashes):
                 continue
@@ -512,19 +740,14 @@ class NgramIndex:
                     if not self._numbers_present(
                             int(p_item[k]), wh.hashes[lo: lo + wh.counts[p_doc[k]]]):
                         coverage[k] = 0.0
-                # best item per document: highest coverage; ties go to the earliest item
-                # (the first evaluation set given). Last write wins in the assignment.
-                better = (coverage > best_cov[p_doc]) | (
-                    (coverage == best_cov[p_doc]) & (coverage > 0)
-                    & ((best_item[p_doc] < 0) | (p_item < best_item[p_doc])))
-                order = np.lexsort((-p_item[better], coverage[better]))
-                bd, bi, bc = p_doc[better][order], p_item[better][order], coverage[better][order]
-                best_cov[bd] = bc
-                best_item[bd] = bi
+                update(p_doc, p_item, coverage)
         hit_docs = np.nonzero(best_cov >= self.config.min_coverage - 1e-12)[0]
+        methods = ("ngram", "whole", "exact", "none")
         return [
             Hit(doc=int(d), eval_set=self.sets[self.item_set[best_item[d]]].name,
-                item_line=self.item_line[best_item[d]], coverage=float(min(best_cov[d], 1.0)))
+                item_line=self.item_line[best_item[d]], coverage=float(min(best_cov[d], 1.0)),
+                item_id=self.item_id[best_item[d]],
+                method=methods[int(self.item_method[best_item[d]])])
             for d in hit_docs
         ]
 
@@ -532,3 +755,92 @@ class NgramIndex:
 def iter_scan(index: NgramIndex, texts: Iterator[str]) -> list[Hit]:
     """Scan an iterable of plain strings (small inputs, tests)."""
     return index.scan(pa.array(list(texts), pa.string()))
+
+
+# ------------------------------------------------------------------ benchmarks as eval sets
+#: The field of a shipped suite's item that is checked: the question the model answers
+#: (``realign_format`` wraps it in an instruction and a demonstration shared by 20 items,
+#: so its ``prompt`` field would let a copied question go unnoticed).
+SUITE_ITEM_FIELD = "question"
+
+
+class BenchmarkUnavailable(Exception):
+    """A benchmark's items could not be loaded; ``str()`` says why."""
+
+
+def benchmark_eval_set(name: str, *, include_path: Sequence[str | Path] = ()) -> EvalSet:
+    """The items of a benchmark stage 7 evaluates, as an :class:`EvalSet` named ``name``.
+
+    A shipped suite (``realign_*``): its data file, field :data:`SUITE_ITEM_FIELD` (else the
+    first of :data:`DEFAULT_EVAL_FIELDS`), every item (not only ``benchmark_limit``).
+    Another lm-eval task: lm-eval loads the task and each document's ``doc_to_text`` is an
+    item (a group: every task in it). Raises :class:`BenchmarkUnavailable` when that fails
+    (lm-eval not installed, data not available offline, ...) and :class:`InputError` for
+    a name that is neither a shipped suite nor an lm-eval task.
+    """
+    from .evaluation import SUITES_DIR, list_suites
+
+    local = {s.name: s for s in list_suites()}
+    if name in local:
+        path = SUITES_DIR / "data" / local[name].data_file
+        rows = _json_rows(path.read_bytes(), str(path))
+        texts = [_item_text(r, SUITE_ITEM_FIELD if isinstance(r, dict) and SUITE_ITEM_FIELD in r
+                            else None, str(path), line) for line, r in rows]
+        ids = [str(r.get("id", line)) if isinstance(r, dict) else str(line) for line, r in rows]
+        return EvalSet(name=name, texts=texts, lines=[line for line, _ in rows], ids=ids)
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise BenchmarkUnavailable("lm-evaluation-harness is not installed") from None
+    from .evaluation import _task_manager
+
+    tm = _task_manager([name], include_path)  # an unknown name is bad input (InputError)
+    from .evaluation import _quiet_lm_eval
+
+    try:
+        with _quiet_lm_eval(False):
+            if hasattr(tm, "load"):  # lm-eval >= 0.4.10: flat {"tasks": {name: Task}}
+                tasks = tm.load([name]).get("tasks", {})
+            else:  # pragma: no cover - older lm-eval
+                from lm_eval.tasks import get_task_dict
+
+                tasks = get_task_dict([name], tm)
+    except Exception as e:  # noqa: BLE001 - lm-eval/datasets raise many kinds
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise BenchmarkUnavailable(f"lm-eval could not load its items: {why}") from None
+    texts, lines, ids = [], [], []
+    for task in _leaf_tasks(tasks):
+        try:
+            docs = list(task.eval_docs)
+            for i, doc in enumerate(docs, start=1):
+                text = task.doc_to_text(doc)
+                texts.append(text if isinstance(text, str) else str(text))
+                lines.append(i)
+                ids.append(f"{getattr(task, 'task_name', None) or name}:{i - 1}")
+        except Exception as e:  # noqa: BLE001
+            why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            raise BenchmarkUnavailable(f"lm-eval could not read its items: {why}") from None
+    if not texts:
+        raise BenchmarkUnavailable("lm-eval returned no items")
+    return EvalSet(name=name, texts=texts, lines=lines, ids=ids)
+
+
+def _leaf_tasks(tasks: Any) -> Iterator[Any]:
+    if isinstance(tasks, dict):
+        for v in tasks.values():
+            yield from _leaf_tasks(v)
+    elif tasks is not None and hasattr(tasks, "eval_docs"):
+        yield tasks
+
+
+def load_benchmarks(names: Sequence[str], *, include_path: Sequence[str | Path] = ()
+                    ) -> tuple[list[EvalSet], dict[str, str]]:
+    """:func:`benchmark_eval_set` of each name: (the sets loaded, {name: why not} for the
+    others)."""
+    sets, unchecked = [], {}
+    for name in dict.fromkeys(names):
+        try:
+            sets.append(benchmark_eval_set(name, include_path=include_path))
+        except BenchmarkUnavailable as e:
+            unchecked[name] = str(e)
+    return sets, unchecked

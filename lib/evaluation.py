@@ -339,19 +339,40 @@ def evaluate_model(model: Any, tokenizer: Any, suites: Sequence[str] = DEFAULT_S
 
 def retention_by_suite(before: BenchmarkResults, after: BenchmarkResults, *, n_boot: int = 2000,
                        seed: int = 0) -> dict[str, "RetentionResult"]:
-    """Per suite present in both: :func:`capability_retention` paired by item id."""
+    """Per suite of either result: :func:`capability_retention` paired by item id.
+
+    Nothing is dropped silently: a suite in one result only, a suite without per-item
+    scores on either side, or one whose item ids differ between the two gets an
+    unmeasured :class:`realign.metrics.RetentionResult` saying why (so is one whose score
+    before is 0). Suites come in the baseline's order, then the after-only ones.
+    """
     from .metrics import RetentionResult, capability_retention
 
     out: dict[str, RetentionResult] = {}
-    for name, b in before.suites.items():
-        a = after.suites.get(name)
-        if a is None:
+    for name in list(before.suites) + [n for n in after.suites if n not in before.suites]:
+        b, a = before.suites.get(name), after.suites.get(name)
+        if a is None or b is None:
+            why = ("not in the evaluated model's results" if a is None else
+                   "not in the baseline's results (the baseline was not evaluated on it)")
+            out[name] = RetentionResult.unmeasured(why, n=0, n_boot=n_boot, seed=seed,
+                                                   before_mean=b.score if b else None,
+                                                   after_mean=a.score if a else None)
             continue
         if not b.items or not a.items:
-            why = b.detail or a.detail or "no per-item scores"
-            out[name] = RetentionResult.unmeasured(why, n=0, n_boot=n_boot, seed=seed)
+            side = "before" if not b.items else "after"
+            why = b.detail or a.detail or f"no per-item scores {side}"
+            out[name] = RetentionResult.unmeasured(why, n=0, n_boot=n_boot, seed=seed,
+                                                   before_mean=b.score, after_mean=a.score)
             continue
-        out[name] = capability_retention(b.by_id(), a.by_id(), n_boot=n_boot, seed=seed)
+        bi, ai = b.by_id(), a.by_id()
+        if set(bi) != set(ai):
+            only_b, only_a = len(set(bi) - set(ai)), len(set(ai) - set(bi))
+            out[name] = RetentionResult.unmeasured(
+                f"the items differ ({only_b} only before, {only_a} only after): retention "
+                "compares the same items", n=0, n_boot=n_boot, seed=seed,
+                before_mean=b.score, after_mean=a.score)
+            continue
+        out[name] = capability_retention(bi, ai, n_boot=n_boot, seed=seed)
     return out
 
 

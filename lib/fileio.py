@@ -2,7 +2,14 @@
 
 Every file realign writes goes through :func:`atomic_path` (a temp sibling, renamed into
 place when complete), so a reader or a crash never sees half a file. Helpers for the
-common shapes (text, JSON, JSONL) sit on top of it.
+common shapes (text, JSON, JSONL) sit on top of it; they flush the data to disk before
+the rename, so a crash or a power loss leaves the old file or the new one, never an
+empty one.
+
+Temp siblings are named ``.<name>.tmp-XXXXXXXX[<suffix>]`` and get the permissions of
+a normal file (``0o666 & ~umask``; folders ``0o777 & ~umask``), not ``mkstemp``'s 0600.
+A kill can leave them behind: :func:`clean_temp_files` removes them (the pipeline calls
+it when a job starts on a run directory, under the run lock).
 """
 
 from __future__ import annotations
@@ -10,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,16 +29,78 @@ from typing import Any
 from pydantic import BaseModel
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where it can be, so no other thread ever
+    sees a changed umask)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def temp_sibling(path: str | Path, *, directory: bool = False, suffix: str = ".tmp") -> Path:
-    """A new, empty temporary file (or folder) beside ``path``, named ``.<name>.*``: written
-    there, then moved into place by :func:`replace_into` (same filesystem, atomic)."""
+    """A new, empty temporary file (or folder) beside ``path``, named
+    ``.<name>.tmp-XXXXXXXX<suffix>`` (a folder: ``.<name>.tmp-XXXXXXXX``): written there,
+    then moved into place by :func:`replace_into` (same filesystem, atomic). Its mode is
+    that of a normal new file under the user's umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mask = current_umask()
     if directory:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+        d = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        os.chmod(d, 0o777 & ~mask)
+        return d
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~mask)
+    finally:
+        os.close(fd)
     return Path(name)
+
+
+#: Names of temp siblings a killed writer may leave: ``.<name>.tmp-XXXXXXXX[.ext]`` (files
+#: and folders of :func:`temp_sibling`), ``.<name>.XXXXXXXX[.tmp]`` (older versions) and
+#: ``.<name>.old-<pid>`` (:func:`replace_into` between its two renames).
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp-[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?|[a-z0-9_]{8}(?:\.tmp)?"
+                       r"|old-(?P<pid>\d+))$")
+
+
+def clean_temp_files(root: str | Path) -> list[Path]:
+    """Remove the temp siblings (:data:`TEMP_NAME`) a killed writer left under ``root``.
+
+    Call it only while no writer can be active there (the pipeline holds the run lock).
+    An ``.<name>.old-<pid>`` whose ``<name>`` is missing is the previous version that
+    :func:`replace_into` moved aside just before the kill: it is put back, not removed.
+    Symlinks are not followed. Returns what was removed or restored.
+    """
+    root = Path(root)
+    done: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in list(dirnames) + filenames:
+            m = TEMP_NAME.match(name)
+            if not m:
+                continue
+            p = here / name
+            if name in dirnames:
+                dirnames.remove(name)  # do not walk into what is removed
+            target = here / m.group("name")
+            if m.group("pid") is not None and not target.exists() and not target.is_symlink():
+                os.replace(p, target)
+            else:
+                discard(p)
+            done.append(p)
+    return done
 
 
 def replace_into(tmp: Path, path: str | Path) -> None:
@@ -77,9 +148,11 @@ def atomic_path(path: str | Path, *, directory: bool = False, suffix: str = ".tm
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write UTF-8 text to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write UTF-8 text to ``path`` atomically (flushed to disk before the rename)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -94,6 +167,8 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -114,6 +189,12 @@ def keep_old(path: str | Path) -> Path | None:
     dest = path.with_name(f"{path.stem}.{k}{path.suffix}")
     path.rename(dest)
     return dest
+
+
+def json_digest(data: Any) -> str:
+    """``sha256:<hex>`` of JSON data in canonical form (sorted keys, no spaces)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def file_digest(path: str | Path) -> str:

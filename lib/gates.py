@@ -90,6 +90,12 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 DEFAULT_PRESET: PresetName = "standard"
 
+#: ``preference_gap`` from explicit scores is measured only when at least this share of
+#: the usable pairs carries both scores; below it the gate is ``unmeasured`` with the
+#: count (a gap on a few scored pairs says nothing about the rest). Run config
+#: ``gap_min_coverage``, CLI ``--gap-min-coverage``.
+GAP_MIN_COVERAGE = 0.8
+
 
 class GateResult(BaseModel):
     """One gate, in the shape used everywhere (CLI --json, verdict.json, MCP)."""
@@ -117,6 +123,11 @@ class StageVerdict(BaseModel):
     artifacts: dict[str, Any] = Field(default_factory=dict)
     preset: str = DEFAULT_PRESET
     warnings: list[str] = Field(default_factory=list)
+    inputs: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="per earlier stage this stage read (the registry's reads): the digest of "
+                    "that stage's artifacts when this stage ran (null: it had no verdict). "
+                    "When one no longer matches, this verdict is stale.")
 
     def gate(self, name: str) -> GateResult:
         for g in self.gates:
@@ -214,3 +225,17 @@ def make_verdict(
 #: CLI exit code per verdict status (docs/quality-thresholds.md#exit-codes): 0 pass, 1 fail, 2 bad input, 3 incomplete.
 EXIT_CODES: dict[str, int] = {"pass": 0, "fail": 1, "incomplete": 3}
 EXIT_BAD_INPUT = 2
+#: Exit code of a run that completed with gate failures its config allows (``allow_gate_failures``).
+EXIT_PASSED_WITH_FAILURES = 4
+
+#: The states of a run (``status.json``; :class:`realign.rundir.RunStatus`).
+#: ``passed``: every gate of every stage passed; ``passed_with_failures``: complete, and
+#: every failed gate is listed in ``allow_gate_failures``; ``corrupt``: ``run.json`` is
+#: unreadable (only :func:`realign.rundir.list_runs` reports it).
+RunState = Literal["created", "running", "passed", "passed_with_failures", "failed",
+                   "incomplete", "interrupted", "corrupt"]
+
+#: Exit code of ``realign run`` / ``realign resume`` per run state (docs/quality-thresholds.md#exit-codes).
+RUN_EXIT: dict[str, int] = {"passed": 0, "failed": 1, "incomplete": 3,
+                            "passed_with_failures": EXIT_PASSED_WITH_FAILURES, "interrupted": 1,
+                            "created": 3, "running": 3, "corrupt": EXIT_BAD_INPUT}

@@ -4,7 +4,8 @@ Every gate number realign reports is computed by a function here (or by a model-
 wrapper that feeds it log-probs or logits). Formulas, also in docs/quality-thresholds.md:
 
 * preference gap: ``mean_i (s(chosen_i) - s(rejected_i))`` with ``s`` mapped to [0, 1]
-  from the declared scale ``[lo, hi]`` by ``s = (x - lo) / (hi - lo)``.
+  from the scale ``[lo, hi]`` by ``s = (x - lo) / (hi - lo)``; the scale is declared or,
+  only when the scores leave no doubt, inferred (:func:`infer_scale`).
 * length bias: share of pairs with ``words(chosen) > words(rejected)`` (words are
   whitespace-separated tokens); effect size ``d_z = mean(Δ) / sd(Δ)`` with
   ``Δ = words(chosen) - words(rejected)`` (Cohen's d for paired samples).
@@ -25,8 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-#: Score scales recognised by ``score_scale="auto"``, tried in this order; the first
-#: one that contains every observed score is used (and named in the gate's detail).
+#: Score scales ``score_scale="auto"`` can recognise: one is used only when the observed
+#: scores leave no doubt (:func:`infer_scale`), and the gate's detail names it.
 STANDARD_SCALES: tuple[tuple[float, float], ...] = ((0, 1), (1, 5), (1, 10), (0, 10), (0, 100))
 
 
@@ -39,16 +40,26 @@ def parse_scale(spec: str) -> tuple[float, float] | None:
         a, b = float(lo), float(hi)
     except ValueError:
         raise ValueError(f"score scale '{spec}' is not LO-HI (e.g. 1-10) or 'auto'") from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"score scale '{spec}': LO and HI must be finite numbers")
     if not sep or b <= a:
         raise ValueError(f"score scale '{spec}': need LO < HI")
     return a, b
 
 
 def infer_scale(lo_seen: float, hi_seen: float) -> tuple[float, float] | None:
-    """The first of :data:`STANDARD_SCALES` containing ``[lo_seen, hi_seen]``, else None."""
+    """The scale the observed scores leave no doubt about, else None.
+
+    "Beyond doubt" means: the lowest observed score is the low end and the highest is the
+    high end of one of :data:`STANDARD_SCALES` (``lo_seen == lo`` and ``hi_seen == hi``).
+    Scores that use both ends of a scale rule out every narrower reading, and every
+    other standard scale would leave an end unused. Anything else is a guess and gives
+    None: 2-5 may be 1-5 or 1-10; 0.8-1.0 may be 0-1 or 0-10; 1-9 may be 1-10 or 0-10.
+    (At most one scale can match: no two standard scales share both ends.)
+    """
     for lo, hi in STANDARD_SCALES:
-        if lo <= lo_seen and hi_seen <= hi:
-            return (lo, hi)
+        if lo_seen == lo and hi_seen == hi:
+            return (float(lo), float(hi))
     return None
 
 

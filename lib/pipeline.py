@@ -8,12 +8,22 @@ Rules:
   in ``allow_gate_failures`` (the verdict then records the override). ``incomplete``
   (a gate unmeasured) does not stop the run, but the run ends ``incomplete`` unless a
   later stage measured that gate (:func:`unresolved_unmeasured`).
+* The run's final state (:func:`final_state`): ``failed`` when a gate failed that the
+  config does not allow; else ``passed_with_failures`` when a gate failed that it
+  allows; else ``incomplete`` when a gate is left unmeasured; else ``passed`` (every gate
+  of every stage run passed). Exit codes: :data:`realign.gates.RUN_EXIT`.
 * When stage 7 rejects the policy and ``evaluation.rollback_on_regression`` is true,
   :func:`realign.rollback.rollback` restores the best earlier model that passes (same as
   ``realign rollback RUN``); the stage-7 verdict records what was restored.
 * A stage is complete when its ``verdict.json`` exists; :func:`resume` skips complete
   stages and restarts the first incomplete one (stage 5 continues from its last on-disk
-  checkpoint). One job at a time per run directory (:class:`realign.rundir.RunLock`).
+  checkpoint). A stage is rerun instead of skipped when its verdict is stale (an earlier
+  stage it reads was rerun and its artifacts changed; the old folder is moved aside) or
+  unreadable (the corrupt ``verdict.json`` is moved aside). One job at a time per run
+  directory (:class:`realign.rundir.RunLock`); a job starts by removing the temp files
+  a killed job left there.
+* :func:`preflight` checks a config before a run directory exists (``realign run``
+  calls it, then :func:`create_run`).
 
 Where every file lives is :class:`realign.rundir.RunDir`'s business, not this module's.
 """
@@ -22,21 +32,23 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
 from .config import RunConfig
 from .distributed import barrier, is_main_process
-from .gates import StageVerdict, Thresholds
+from .errors import InputError
+from .gates import RunState, StageVerdict, Thresholds
 from .report import write_report
 from .rollback import rollback
 from .rundir import (
+    CorruptVerdictError,
     RunBusyError,
     RunDir,
     RunLock,
-    RunState,
     RunStatus,
+    check_run_id,
     create_run,
     list_runs,
     load_run_config,
@@ -54,9 +66,9 @@ from .stages import (
 from .stages.context import ProgressFn, RunContext
 from .stages.registry import REGISTRY, STAGES
 
-__all__ = ["RunBusyError", "RunStatus", "create_run", "list_runs", "load_run_config",
-           "resume", "run_pipeline", "run_stages", "run_status", "stage_function",
-           "unresolved_unmeasured"]
+__all__ = ["RunBusyError", "RunStatus", "create_run", "final_state", "list_runs",
+           "load_run_config", "preflight", "resume", "run_pipeline", "run_stages", "run_status",
+           "stage_function", "unresolved_unmeasured"]
 
 #: The function that runs each built stage (the registry names the module).
 _RUNNERS: dict[str, Callable[[RunContext], StageVerdict]] = {
@@ -94,7 +106,8 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                progress: ProgressFn | None = None, job: str = "run") -> RunStatus:
     """Run the configured stages of a run directory in order (skipping complete ones).
 
-    ``force`` reruns stages that already have a verdict. Returns the final status.
+    ``force`` reruns stages that already have a verdict. A stale or unreadable verdict
+    is rerun too. Returns the final status.
     """
     rd = RunDir(run_dir)
     config = load_run_config(rd.path)
@@ -105,6 +118,8 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
     # Under a multi-process launch every rank runs the stages (DDP needs them all);
     # rank 0 alone holds the lock and writes status and verdicts.
     with RunLock(rd.path, job) if main else nullcontext():
+        if main:
+            rd.clean_temp_files()  # left by a killed job; nobody else writes here now
         last_write = [0.0]
 
         def report(done: float, total: float | None, msg: str) -> None:
@@ -117,19 +132,36 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
 
         ctx = RunContext(config=config, run_dir=rd.path, thresholds=thresholds, progress=report)
         write_status(rd.path, state="running", pid=os.getpid(), message="")
-        state: RunState = "passed"
         try:
             for name in todo:
-                existing = rd.read_verdict(name)
-                if existing is not None and not force and not _blocking_failures(
+                barrier()  # every rank decides on the same files
+                notes: list[str] = []
+                corrupt: CorruptVerdictError | None = None
+                try:
+                    existing = rd.read_verdict(name)
+                except CorruptVerdictError as e:
+                    existing, corrupt = None, e
+                stale = rd.stale_inputs(name, existing) if existing is not None else []
+                if existing is not None and not force and not stale and not _blocking_failures(
                         existing, config.allow_gate_failures):
                     continue
-                if force and existing is not None:
+                barrier()  # every rank has read before rank 0 moves anything
+                if corrupt is not None:
+                    kept = rd.set_aside_verdict(name) if main else None
+                    notes.append(f"rerun: the previous verdict was unreadable ({corrupt.message})"
+                                 + (f"; kept as {kept.name}" if kept else ""))
+                elif existing is not None and (force or stale):
+                    if stale:
+                        notes.append("rerun: stale, the artifacts of "
+                                     f"{', '.join(stale)} changed since it ran")
                     if main:
                         rd.set_aside(name)
-                    barrier()
+                barrier()
                 write_status(rd.path, current_stage=name, progress={})
+                inputs = rd.input_digests(name)
                 verdict = stage_function(name)(ctx)
+                verdict.inputs = inputs
+                verdict.warnings.extend(notes)
                 if name == "evaluation":
                     _after_evaluation(ctx, verdict)
                 allowed = [g.name for g in verdict.gates
@@ -143,25 +175,46 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                 barrier()
                 blocking = _blocking_failures(verdict, config.allow_gate_failures)
                 if blocking:
-                    state = "failed"
-                    write_status(rd.path, state=state, current_stage=name,
+                    write_status(rd.path, state="failed", current_stage=name,
                                  message=f"stopped at {name}: gate(s) {', '.join(blocking)} failed")
                     _write_report(rd.path)
                     return run_status(rd.path)
-            open_gates = unresolved_unmeasured([rd.read_verdict(n) for n in todo])
-            if open_gates:
-                state = "incomplete"
+            state, message = final_state([rd.read_verdict(n) for n in todo],
+                                         config.allow_gate_failures)
         except KeyboardInterrupt:
             write_status(rd.path, state="interrupted", message="interrupted")
             raise
         except BaseException as e:
             write_status(rd.path, state="interrupted", message=f"{type(e).__name__}: {e}")
             raise
-        write_status(rd.path, state=state, current_stage=None,
-                     message="all stages complete" if state == "passed" else
-                     "complete, but unmeasured: " + ", ".join(open_gates))
+        write_status(rd.path, state=state, current_stage=None, message=message)
         _write_report(rd.path)
     return run_status(rd.path)
+
+
+def final_state(verdicts: Sequence[StageVerdict | None], allowed: Sequence[str] = ()
+                ) -> tuple[RunState, str]:
+    """The state a run ends in after its stages ran, with a message.
+
+    ``failed``: a gate failed that ``allowed`` (the config's ``allow_gate_failures``) does
+    not list; else ``passed_with_failures``: every failed gate is allowed; else
+    ``incomplete``: a gate is unmeasured and no later stage measured it
+    (:func:`unresolved_unmeasured`); else ``passed``: every gate passed. A failure
+    outranks an unmeasured gate; the message names both.
+    """
+    vs = [v for v in verdicts if v is not None]
+    failed = [f"{v.stage}:{g.name}" for v in vs for g in v.gates if g.status == "fail"]
+    blocking = [f for f in failed if f.split(":", 1)[1] not in allowed]
+    open_gates = unresolved_unmeasured(list(vs))
+    tail = f"; unmeasured: {', '.join(open_gates)}" if open_gates else ""
+    if blocking:
+        return "failed", f"gate(s) {', '.join(blocking)} failed" + tail
+    if failed:
+        return "passed_with_failures", ("complete with failed gates the config allows "
+                                        f"(allow_gate_failures): {', '.join(failed)}" + tail)
+    if open_gates:
+        return "incomplete", "complete, but unmeasured: " + ", ".join(open_gates)
+    return "passed", "all stages complete"
 
 
 def unresolved_unmeasured(verdicts: list[StageVerdict | None]) -> list[str]:
@@ -196,12 +249,100 @@ def _write_report(run_dir: Path) -> None:
         warnings.warn(f"run report not written: {type(e).__name__}: {e}", stacklevel=2)
 
 
+def _config_line(source: str | Path | None, field: str) -> int | None:
+    """The line of ``field`` (dotted) in the YAML config ``source``, when it says."""
+    if source is None:
+        return None
+    try:
+        import yaml
+
+        from .config import _line_of
+
+        raw = yaml.compose(Path(source).read_text(encoding="utf-8"))
+        return _line_of(raw, field.split("."))
+    except Exception:  # noqa: BLE001 - the line is a courtesy; the field is named anyway
+        return None
+
+
+def _looks_local(value: str) -> bool:
+    """A model/data value that is meant as a local path (not a hub id ``org/name``)."""
+    return value.startswith((".", "/", "~")) or value.endswith(
+        (".jsonl", ".json", ".parquet", ".ndjson", ".txt")) or \
+        (os.sep in value and value.count("/") != 1)
+
+
+def preflight(config: RunConfig, *, stages: Sequence[str] | None = None,
+              source: str | Path | None = None) -> None:
+    """Check a run config before its run directory exists; raise :class:`InputError`.
+
+    What the stages to run (``stages``, default the config's) will need: a safe
+    ``run_id``; ``output_dir`` a folder (or absent); ``dpo.max_steps`` /
+    ``reward.max_steps`` / ``sft.max_steps`` (with ``sft.dataset``) not 0 (≥ 1, or -1 for
+    epochs); the local ``model`` path (``default`` and hub ids are not checked here);
+    ``data``, read through :class:`realign.data.PairSource` (every row parsed: a bad row
+    is named by file, line and field unless ``skip_bad_rows``); each of ``eval_sets``
+    (:func:`realign.decontamination.load_eval_set`); ``sft.dataset``. ``source``, the
+    config file, lets errors in config fields name their line. Nothing is written.
+    """
+    todo = [s for s in STAGES if s in (stages or config.stages)]
+
+    def bad(msg: str, field: str, file: str | Path | None = None) -> InputError:
+        if file is None:
+            return InputError(msg, file=source, line=_config_line(source, field), field=field)
+        return InputError(msg, file=file, field=field)
+
+    if config.run_id is not None:
+        try:
+            check_run_id(config.run_id)
+        except InputError as e:
+            raise bad(e.message, "run_id") from None
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise bad(f"output_dir {str(out)!r} is not a folder", "output_dir")
+    steps = []
+    if "dpo" in todo:
+        steps.append(("dpo.max_steps", config.dpo.max_steps))
+    if "reward_model" in todo:
+        steps.append(("reward.max_steps", config.reward.max_steps))
+    if "sft_baseline" in todo and config.sft.dataset:
+        steps.append(("sft.max_steps", config.sft.max_steps))
+    for field, n in steps:
+        if n == 0 or n < -1:
+            raise bad(f"{n} optimizer steps trains nothing: use ≥ 1, or -1 to train for "
+                      "num_epochs epochs", field)
+    if any(s != "preference_data" for s in todo) and config.model != "default":
+        m = Path(config.model).expanduser()
+        if not m.exists() and _looks_local(config.model):
+            raise bad(f"model path {config.model!r} does not exist", "model")
+    if "sft_baseline" in todo and config.sft.dataset:
+        d = Path(config.sft.dataset).expanduser()
+        if not d.exists() and _looks_local(config.sft.dataset):
+            raise bad(f"sft.dataset {config.sft.dataset!r} does not exist", "sft.dataset")
+    if "preference_data" in todo:
+        from .data import PairSource
+        from .decontamination import load_eval_set
+
+        if not Path(config.data).expanduser().exists() and _looks_local(config.data):
+            raise bad(f"data file {config.data!r} does not exist", "data")
+        src = PairSource(config.data, split=config.data_split, skip_bad_rows=config.skip_bad_rows)
+        if src.format != "hub":
+            for _ in src.blocks():  # every row parsed; the first bad one raises
+                pass
+        for i, e in enumerate(config.eval_sets):
+            if not Path(e).expanduser().exists():
+                raise bad(f"eval set {e!r} does not exist", f"eval_sets.{i}")
+            load_eval_set(e, config.eval_field)
+
+
 def run_pipeline(config: RunConfig, *, progress: ProgressFn | None = None) -> RunStatus:
-    """Create a run directory for ``config`` and run every configured stage."""
+    """Check ``config`` (:func:`preflight`), create its run directory and run every
+    configured stage."""
+    preflight(config)
     run_dir = create_run(config)
     return run_stages(run_dir, progress=progress)
 
 
 def resume(run_dir: str | Path, *, progress: ProgressFn | None = None) -> RunStatus:
-    """Continue a run from its first stage without a passing verdict."""
+    """Continue a run from its first stage without a passing verdict (stale and unreadable
+    verdicts are rerun)."""
     return run_stages(Path(run_dir), progress=progress, job="resume")

@@ -6,7 +6,9 @@ stage's ``verdict.json``, stage 5's ``metrics.jsonl``, stage 4's ``metrics.jsonl
 ``realign/templates/``. It runs at the end of every ``run_stages`` and on
 ``realign report RUN``.
 
-Contents: the decision (stage 7 deploy/reject with its reasons) and the deployed model;
+Contents: the run state (``passed_with_failures`` names the failed gates the config
+allows; a stale or unreadable stage verdict is marked with why); the decision (stage 7
+deploy/reject with its reasons) and the deployed model;
 a gate table per stage that ran (value, threshold, status, CI, detail) with its
 warnings; plots over training steps of the DPO loss, KL(π‖π_ref) per token at each KL
 check (with the gate threshold), reward margins (TRL's per-batch ``rewards/margins``
@@ -285,7 +287,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                 if g.name in GATE_SPECS else "",
             })
         stages.append({"number": s.number, "name": s.name, "status": s.status, "gates": gates,
-                       "warnings": list(v.warnings) if v else [],
+                       "note": s.note, "warnings": list(v.warnings) if v else [],
                        "allowed": (v.findings.get("allowed_failures") or []) if v else []})
 
     from .gates import Thresholds
@@ -366,6 +368,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         "model": cfg.get("model"), "data": cfg.get("data"), "seed": cfg.get("seed"),
         "versions": run_json.get("versions", {}), "hardware": run_json.get("hardware", {}),
         "overrides": config.thresholds, "allowed": config.allow_gate_failures,
+        "allowed_failed": status.allowed_failures,
         "stages": stages, "charts": charts, "metrics_summary": metrics_summary,
         "retention": retention_rows, "retention_chart": retention_chart,
         "decision": decision, "rollback": rollback, "deployed": deployed,

@@ -144,6 +144,8 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
                          "(--force rolls back anyway)", file=run_dir)
 
     with RunLock(run_dir, "rollback") if lock else nullcontext():
+        if lock:
+            ctx.rundir.clean_temp_files()  # left by a killed job; nobody else writes here now
         evaluated: list[CandidateResult] = []
         restored: Candidate | None = None
         cands = rollback_candidates(run_dir)

@@ -112,6 +112,38 @@ def _separated_bytes(arr: pa.Array) -> tuple[bytes, np.ndarray]:
     return b"".join([_SEP, body, _SEP * 9]), off - lo + 1
 
 
+#: Characters a reader does not see, removed before texts are compared (``identical``,
+#: ``duplicates``, ``empty``, word counts): zero width space, non-joiner and joiner, word
+#: joiner, zero width no-break space (BOM), soft hyphen, Mongolian vowel separator.
+ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e"
+#: Unicode White_Space characters (besides ASCII space, tab, newline, \\v, \\f, \\r):
+#: next line, no-break space, ogham space, the U+2000-U+200A spaces (en, em, thin, hair,
+#: ...), line and paragraph separators, narrow no-break, medium mathematical and
+#: ideographic space. Each run of whitespace collapses to one ASCII space.
+UNICODE_WHITESPACE = ("\u0085\u00a0\u1680" + "".join(chr(c) for c in range(0x2000, 0x200B))
+                      + "\u2028\u2029\u202f\u205f\u3000")
+_ZW_RE = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in ZERO_WIDTH) + "]"
+_WS_RE = "[ \\t\\n\\v\\f\\r" + "".join(f"\\x{{{ord(c):x}}}" for c in UNICODE_WHITESPACE) + "]+"
+
+
+def reader_text(arr: pa.Array, *, lower: bool = False) -> pa.Array:
+    """The text as a reader sees it: Unicode NFKC, zero-width characters
+    (:data:`ZERO_WIDTH`) removed, every run of whitespace (ASCII or
+    :data:`UNICODE_WHITESPACE`) one ASCII space, trimmed; lower-cased with ``lower``."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.string())
+    t = pc.utf8_normalize(arr, "NFKC")
+    t = pc.replace_substring_regex(t, _ZW_RE, "")
+    t = pc.replace_substring_regex(t, _WS_RE, " ")
+    t = pc.utf8_trim(t, " ")
+    return pc.utf8_lower(t) if lower else t
+
+
+def reader_text_lower(arr: pa.Array) -> pa.Array:
+    """:func:`reader_text` lower-cased (the ``unicode_prepare`` of duplicate keys)."""
+    return reader_text(arr, lower=True)
+
+
 def prepare(arr: pa.Array, unicode_prepare: Callable[[pa.Array], pa.Array] | None) -> pa.Array:
     """Replace the rows that are not pure ASCII by ``unicode_prepare`` of them."""
     if isinstance(arr, pa.ChunkedArray):

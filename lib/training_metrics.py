@@ -33,7 +33,9 @@ from .metrics import (
     preference_gap,
     win_rate,
 )
+from .sandbox import SandboxLimits
 from .validation import validate_file, validate_rows
+from .verifiers import VerifiabilityReport, verify_file, verify_rows
 
 __all__ = [
     "assess_rlvr_verifiability",
@@ -69,12 +71,26 @@ def validate_dpo_pairs(pairs: str | Path | list[dict[str, Any]], **kwargs: Any) 
     return validate_file(pairs, **kwargs)
 
 
-def assess_rlvr_verifiability(*_: Any, **__: Any) -> Any:
-    """Share of examples a real verifier can check. Not built yet: see the open issue."""
-    raise NotImplementedError(
-        "assess_rlvr_verifiability needs the verifiers (math equivalence, code tests, "
-        "instruction constraints); it is not built yet and returns no number rather than "
-        "a guess")
+def assess_rlvr_verifiability(data: str | Path | list[dict[str, Any]], *,
+                              workers: int | None = None,
+                              limits: SandboxLimits | None = None,
+                              threshold: float | None = None) -> VerifiabilityReport:
+    """Share of rows a real verifier can check, and how: runs the verifiers on every row.
+
+    ``data`` is a path (JSONL, JSON array, Parquet) or a list of row dicts with the row
+    contract of :mod:`realign.verifiers` (``prompt``; ``response`` or ``completion``;
+    ``answer``, ``tests`` or ``instructions``; optional ``verifier``). A row counts as
+    verifiable when a verifier applies and its ground truth can be checked (the answer
+    parses, the tests compile, every instruction id is supported); responses, when present,
+    are checked too. The gate ``rlvr_verifiability`` compares the share with ``threshold``
+    (default :data:`realign.verifiers.RLVR_VERIFIABILITY_MIN`). Nothing is looked up by
+    domain name. Raises :class:`~realign.errors.InputError` (file, line, field) on rows that
+    break the contract.
+    """
+    kwargs: dict[str, Any] = {"workers": workers, "limits": limits, "threshold": threshold}
+    if isinstance(data, list):
+        return verify_rows(data, **kwargs)
+    return verify_file(data, **kwargs)
 
 
 def calculate_ifd_score(model: Any, instructions: Any, responses: Any, **kwargs: Any) -> Any:

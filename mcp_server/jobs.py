@@ -5,6 +5,13 @@ across processes the library's ``RunLock`` (``run.lock`` holding the owner's pid
 job) does, and a lock whose process is alive is reported with its job name. A job runs
 in a daemon thread: if the server exits the run stops and ``resume_run`` continues it
 from its last complete stage or checkpoint.
+
+Cancelling is cooperative: :meth:`JobManager.cancel` sets the job's flag, and the
+progress callback the job passes to the pipeline (:meth:`Job.check`) raises
+:class:`JobCancelled` at the pipeline's next progress update (every training step,
+every validated block, every stage start). The pipeline records the run as
+interrupted, releases ``run.lock`` and leaves every finished stage and checkpoint in
+place, so ``resume_run`` continues it like a run that was stopped with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,18 +26,64 @@ from typing import Any
 
 from realign.rundir import RunBusyError, pid_alive, read_lock
 
+#: Job kinds that can be cancelled (pipeline stages; a rollback restores in one step).
+CANCELLABLE = ("run", "resume", "stage:")
+
+
+class JobCancelled(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """Raised inside a job's thread at its next progress update after cancel_run.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` of a stage
+    swallows it; the pipeline records the run as interrupted and re-raises it.
+    """
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+
 
 @dataclass
 class Job:
     run_dir: Path
     kind: str
-    started: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
+    started: str = field(default_factory=_now)
     error: str | None = None
+    cancel_requested: str | None = None  # when cancel_run asked
+    cancelled: bool = False  # the job stopped because of it
     done: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def describe(self) -> str:
         return f"job '{self.kind}' on {self.run_dir} (started {self.started})"
+
+    @property
+    def cancellable(self) -> bool:
+        return self.kind.startswith(CANCELLABLE)
+
+    def check(self) -> None:
+        """Raise :class:`JobCancelled` once a cancel was requested (the job's thread)."""
+        if self._cancel.is_set():
+            raise JobCancelled(f"cancelled by cancel_run at {self.cancel_requested}")
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """A pipeline progress callback that only checks for a cancel."""
+        self.check()
+
+    def request_cancel(self) -> None:
+        if not self._cancel.is_set():
+            self.cancel_requested = _now()
+            self._cancel.set()
+
+    def finish(self, exc: BaseException | None) -> None:
+        """Record how the job ended (called once, in its thread)."""
+        if isinstance(exc, JobCancelled):
+            self.cancelled = True
+        elif exc is not None:
+            from ._util import describe, for_mcp
+
+            self.error = for_mcp(describe(exc))
+        self.done.set()
 
 
 class JobManager:
@@ -53,7 +106,9 @@ class JobManager:
         job = self._jobs.get(key)
         if job is not None and not job.done.is_set():
             raise RunBusyError(f"{key} is busy: {job.describe()} is still running; poll "
-                               f"run_status('{key.name}') and start again when it has finished")
+                               f"run_status('{key.name}') and start again when it has finished"
+                               + (" (a cancel was requested; it stops at its next progress "
+                                  "update)" if job.cancel_requested else ""))
         holder = read_lock(key)
         if holder and pid_alive(holder.get("pid")):
             raise RunBusyError(f"{key} is busy: job '{holder.get('job')}' (pid {holder.get('pid')}, "
@@ -67,16 +122,21 @@ class JobManager:
             self._check_free(key)
             job = Job(run_dir=key, kind=kind)
             self._jobs[key] = job
+        exc: BaseException | None = None
         try:
             yield job
         except BaseException as e:
-            job.error = f"{type(e).__name__}: {e}"
+            exc = e
             raise
         finally:
-            job.done.set()
+            job.finish(exc)
 
-    def start(self, run_dir: Path, kind: str, fn: Callable[[], Any]) -> Job:
-        """Run ``fn`` in a daemon thread as the job on ``run_dir``; return at once."""
+    def start(self, run_dir: Path, kind: str, fn: Callable[[Job], Any]) -> Job:
+        """Run ``fn(job)`` in a daemon thread as the job on ``run_dir``; return at once.
+
+        ``fn`` passes :meth:`Job.progress` (or a callback calling :meth:`Job.check`) to
+        the pipeline so that :meth:`cancel` can stop it.
+        """
         key = run_dir.resolve()
         with self._lock:
             self._check_free(key)
@@ -84,13 +144,34 @@ class JobManager:
             self._jobs[key] = job
 
         def target() -> None:
+            exc: BaseException | None = None
             try:
-                fn()
+                fn(job)
             except BaseException as e:  # noqa: BLE001 - recorded for run_status
-                job.error = f"{type(e).__name__}: {e}"
+                exc = e
             finally:
-                job.done.set()
+                job.finish(exc)
 
         job.thread = threading.Thread(target=target, name=f"realign-{kind}-{key.name}", daemon=True)
         job.thread.start()
         return job
+
+    def cancel(self, run_dir: Path) -> Job:
+        """Ask the job running on ``run_dir`` to stop; return it (ValueError when none)."""
+        key = run_dir.resolve()
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.done.is_set():
+                holder = read_lock(key)
+                if holder and pid_alive(holder.get("pid")):
+                    raise ValueError(
+                        f"the job on {key.name} ('{holder.get('job')}', pid {holder.get('pid')}) "
+                        "was not started by this server; stop that process (Ctrl-C) to "
+                        "interrupt it")
+                raise ValueError(f"no job is running on run '{key.name}'; nothing to cancel "
+                                 "(run_status shows its state)")
+            if not job.cancellable:
+                raise ValueError(f"{job.describe()} cannot be cancelled (it restores a model "
+                                 "in one step); wait for it to finish")
+            job.request_cancel()
+            return job

@@ -7,13 +7,18 @@ Thin wrappers over :mod:`realign.pipeline` (``create_run``, ``run_stages``, ``re
 ``status.json`` and each stage's ``verdict.json`` from disk, so an agent whose
 connection dropped loses nothing. A failed gate stops the run with its verdict; that
 is a normal result (``state: failed``), not an error.
+
+Every run directory is found through :class:`realign_mcp.paths.RunDirs` (run ids are
+one folder of the runs directory; symlinks leading out are refused). ``cancel_run``
+stops a job of this server at its next progress update; the run stays resumable.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
+import anyio
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -24,11 +29,11 @@ from realign import pipeline
 from realign.config import RunConfig, load_config
 from realign.report import write_report
 from realign.rollback import RollbackResult
-from realign.rundir import RunDir, RunStatus
+from realign.rundir import RunStatus, load_run_config
 
-from ._util import EXPECTED, run_blocking, tool_error
-from .jobs import JobManager
-from .paths import PathPolicy
+from ._util import check_finite, for_mcp, run_blocking, tool_error
+from .jobs import JobCancelled, JobManager
+from .paths import PathPolicy, RunDirs
 
 RUNS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                        open_world_hint=False)
@@ -39,10 +44,17 @@ ROLLBACK = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempot
 #: the report files are rewritten from the run directory: same input, same files.
 REPORT = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
                          open_world_hint=False)
+#: cancel stops a job; the run keeps every finished stage and checkpoint (resume_run).
+CANCEL = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                         open_world_hint=False)
 
 ConfigArg = Annotated[str, Field(description="YAML run config (see templates.md)")]
 RunArg = Annotated[str, Field(description="run id (a folder of the runs directory) or a run "
                                           "directory path")]
+RunIdArg = Annotated[str | None, Field(
+    description="name of the run folder: one folder name of letters, digits, '.', '_' and "
+                "'-', starting with a letter or digit (default: the config's run_id or a "
+                "timestamp)")]
 
 
 class ReportFiles(BaseModel):
@@ -53,32 +65,53 @@ class ReportFiles(BaseModel):
     markdown_text: str = Field(description="the content of report.md")
 
 
-class RunList(BaseModel):
-    runs_dir: str
-    runs: list[RunStatus]
-
-
 class JobInfo(BaseModel):
     """The job this server last ran on a run directory (absent when none)."""
 
     kind: str
     started: str
     running: bool
-    error: str | None = None
+    error: str | None = Field(None, description="why the job stopped on an error")
+    cancel_requested: str | None = Field(None, description="when cancel_run asked it to stop")
+    cancelled: bool = Field(False, description="the job stopped because of cancel_run")
+
+
+#: The library's run states (``RunStatus.state``) plus two this server knows from its own
+#: jobs: ``error`` (the job stopped on an error; ``message`` says which) and ``cancelled``
+#: (cancel_run stopped it). On disk both are ``interrupted``: resume_run continues the run.
+LIBRARY_STATES: tuple[str, ...] = get_args(RunStatus.model_fields["state"].annotation)
+ReportState = Literal[LIBRARY_STATES + ("error", "cancelled")]  # type: ignore[valid-type]
 
 
 class RunReport(RunStatus):
     """``realign.rundir.RunStatus`` plus the job this server runs on it, if any."""
 
+    state: ReportState  # type: ignore[assignment]
     job: JobInfo | None = None
 
 
-class PipelineTools:
-    """State shared by the pipeline tools: path policy, runs directory, job registry."""
+class SkippedRun(BaseModel):
+    name: str
+    reason: str
 
-    def __init__(self, policy: PathPolicy, runs_dir: Path, jobs: JobManager | None = None) -> None:
+
+class RunList(BaseModel):
+    runs_dir: str
+    runs: list[RunReport]
+    skipped: list[SkippedRun] = Field(
+        default_factory=list,
+        description="entries of the runs directory left out, with the reason (a symlink "
+                    "leading out of it)")
+
+
+class PipelineTools:
+    """State shared by the pipeline tools: path policy, run directories, job registry."""
+
+    def __init__(self, policy: PathPolicy, runs_dir: Path, jobs: JobManager | None = None,
+                 runs: RunDirs | None = None) -> None:
         self.policy = policy
-        self.runs_dir = runs_dir
+        self.runs = runs or RunDirs(policy, runs_dir)
+        self.runs_dir = self.runs.runs_dir
         self.jobs = jobs or JobManager()
 
     # -- paths -------------------------------------------------------------------------
@@ -89,85 +122,124 @@ class PipelineTools:
             raise ToolError(str(e)) from e
 
     def run_dir(self, run: str) -> Path:
-        """A run id under the runs directory, or a run directory path."""
-        if run and "/" not in run and "\\" not in run and run not in (".", ".."):
-            cand = self.runs_dir / run
-            if RunDir(cand).exists():
-                return cand
-        d = self.path(run, "run")
-        if not RunDir(d).exists():
-            raise ToolError(f"no run '{run}': neither {self.runs_dir / run} nor {d} holds a "
-                            "run.json (list_runs shows the runs)")
+        """A run id under the runs directory, or a run directory path (:class:`RunDirs`)."""
+        try:
+            return self.runs.resolve(run)
+        except (ValueError, OSError) as e:
+            raise tool_error(e) from e
+
+    def confine(self, cfg: RunConfig, source: str) -> None:
+        """Refuse a config naming a file outside the roots or a threshold that is no number."""
+        check_finite(cfg.thresholds, f"{source} thresholds")
+        if not self.policy.is_confined:
+            return
+        self.path(cfg.data, f"{source} data")
+        for e in cfg.eval_sets:
+            self.path(e, f"{source} eval_sets")
+        if cfg.sft.dataset:
+            self.path(cfg.sft.dataset, f"{source} sft.dataset")
+        if cfg.model != "default" and (Path(cfg.model).exists() or cfg.model.startswith(
+                ("/", ".", "~"))):
+            self.path(cfg.model, f"{source} model")
+
+    def existing(self, run: str) -> Path:
+        """The run directory of a run to work on (resume, a stage, rollback): its recorded
+        config is confined like a new one."""
+        d = self.run_dir(run)
+        try:
+            cfg = load_run_config(d)
+        except Exception as e:  # noqa: BLE001
+            raise tool_error(e) from e
+        self.confine(cfg, "run.json config")
         return d
 
-    def load(self, config_path: str, run_id: str | None) -> RunConfig:
-        """Load the config; confine every path it names; put runs in the runs directory."""
+    def load(self, config_path: str, run_id: str | None) -> tuple[RunConfig, Path | None]:
+        """Load the config; confine every path it names; put runs in the runs directory.
+        Returns the config and the new run's folder (None: a timestamp id, chosen later)."""
         cfg_file = self.path(config_path, "config_path")
         try:
             cfg = load_config(cfg_file)
-        except EXPECTED as e:
+        except Exception as e:  # noqa: BLE001
             raise tool_error(e) from e
-        if self.policy.is_confined:
-            self.path(cfg.data, "config data")
-            for e in cfg.eval_sets:
-                self.path(e, "config eval_sets")
-            if cfg.sft.dataset:
-                self.path(cfg.sft.dataset, "config sft.dataset")
-            if cfg.model != "default" and (Path(cfg.model).exists() or cfg.model.startswith(
-                    ("/", ".", "~"))):
-                self.path(cfg.model, "config model")
+        self.confine(cfg, "config")
         out = self.path(cfg.output_dir, "config output_dir") if cfg.output_dir != "runs" \
             else self.runs_dir
-        return cfg.model_copy(update={"output_dir": str(out), "run_id": run_id or cfg.run_id})
+        rid = run_id if run_id is not None else cfg.run_id
+        try:
+            folder = None if rid is None else self.runs.new(out, rid)
+        except ValueError as e:
+            raise tool_error(e) from e
+        return cfg.model_copy(update={"output_dir": str(out), "run_id": rid}), folder
 
     # -- reports -----------------------------------------------------------------------
     def report(self, run_dir: Path) -> RunReport:
         try:
             st = pipeline.run_status(run_dir)
-        except EXPECTED as e:
+        except Exception as e:  # noqa: BLE001
             raise tool_error(e) from e
+        data = st.model_dump()
+        data["message"] = for_mcp(st.message)
         job = self.jobs.last(run_dir)
-        info = None if job is None else JobInfo(kind=job.kind, started=job.started,
-                                                running=not job.done.is_set(), error=job.error)
-        return RunReport(**st.model_dump(), job=info)
+        info = None
+        if job is not None:
+            running = not job.done.is_set()
+            info = JobInfo(kind=job.kind, started=job.started, running=running, error=job.error,
+                           cancel_requested=job.cancel_requested, cancelled=job.cancelled)
+            # The record on disk says interrupted (or never got further than created);
+            # this server knows why its job stopped.
+            if not running and st.state in ("interrupted", "created"):
+                if job.cancelled:
+                    where = f" during {st.current_stage}" if st.current_stage else ""
+                    data.update(state="cancelled",
+                                message=f"cancelled by cancel_run{where}; finished stages and "
+                                        "checkpoints are kept: resume_run continues the run")
+                elif job.error:
+                    data.update(state="error", message=job.error)
+            elif running and job.cancel_requested:
+                data["message"] = (data["message"] + "; " if data["message"] else "") + \
+                    "cancel requested: the job stops at its next progress update"
+        return RunReport(**data, job=info)
 
 
 def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
     """Add the pipeline tools to ``mcp``; return their names."""
 
     async def create(config_path: str, run_id: str | None) -> Path:
-        cfg = tools.load(config_path, run_id)
+        cfg, _ = tools.load(config_path, run_id)
+        await run_blocking(pipeline.preflight, cfg, source=config_path)
         return await run_blocking(pipeline.create_run, cfg)
 
     async def blocking(ctx: Context, run_dir: Path, kind: str, **kw: Any) -> RunReport:
-        """Run the stages in a worker thread as this run's job, with progress to ``ctx``."""
+        """Run the stages in a worker thread as this run's job, with progress to ``ctx``;
+        cancel_run stops it (the result then says ``cancelled``)."""
         try:
-            with tools.jobs.claim(run_dir, kind):
+            with tools.jobs.claim(run_dir, kind) as job:
                 await run_blocking(pipeline.run_stages, run_dir, ctx=ctx, progress_kw="progress",
-                                   job=kind, **kw)
-        except EXPECTED as e:
+                                   check=job.check, job=kind, **kw)
+        except JobCancelled:
+            pass  # recorded by the job; the report says so
+        except ToolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. the run is busy
             raise tool_error(e) from e
         return tools.report(run_dir)
 
     def background(run_dir: Path, kind: str, **kw: Any) -> RunReport:
         try:
-            tools.jobs.start(run_dir, kind, lambda: pipeline.run_stages(run_dir, job=kind, **kw))
-        except EXPECTED as e:
+            tools.jobs.start(run_dir, kind, lambda job: pipeline.run_stages(
+                run_dir, job=kind, progress=job.progress, **kw))
+        except Exception as e:  # noqa: BLE001 - e.g. the run is busy
             raise tool_error(e) from e
         return tools.report(run_dir)
 
     @mcp.tool(annotations=RUNS)
-    async def start_pipeline(
-        config_path: ConfigArg,
-        run_id: Annotated[str | None, Field(description="name of the run folder (default: "
-                                                        "the config's run_id or a timestamp)")] = None,
-    ) -> RunReport:
+    async def start_pipeline(config_path: ConfigArg, run_id: RunIdArg = None) -> RunReport:
         """Create a run from a config and start every configured stage in the background.
 
         Returns at once with the run id; poll run_status(run_id) for the current stage,
-        progress and each stage's verdict. Stages run in order with their gates enforced:
-        a failed gate stops the run (state 'failed') unless the config's
-        allow_gate_failures lists it. One job at a time per run directory.
+        progress and each stage's verdict; cancel_run stops it. Stages run in order with
+        their gates enforced: a failed gate stops the run (state 'failed') unless the
+        config's allow_gate_failures lists it. One job at a time per run directory.
         """
         return background(await create(config_path, run_id), "run")
 
@@ -175,7 +247,7 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
     async def run_pipeline(
         config_path: ConfigArg,
         ctx: Context,
-        run_id: Annotated[str | None, Field(description="name of the run folder")] = None,
+        run_id: RunIdArg = None,
     ) -> RunReport:
         """Create a run and run every configured stage, waiting for the end.
 
@@ -187,9 +259,9 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
 
     @mcp.tool(annotations=RUNS)
     async def resume_run(run: RunArg) -> RunReport:
-        """Continue a stopped or killed run in the background from its first stage without a
-        passing verdict (stage 5 from its last checkpoint). Poll run_status."""
-        return background(tools.run_dir(run), "resume")
+        """Continue a stopped, cancelled or killed run in the background from its first stage
+        without a passing verdict (stage 5 from its last checkpoint). Poll run_status."""
+        return background(tools.existing(run), "resume")
 
     async def run_stage(
         run: RunArg,
@@ -204,7 +276,7 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
         stages = run_config.STAGES  # read at call time: a stage added to the library is accepted
         if stage not in stages:
             raise ToolError(f"unknown stage '{stage}' (known: {', '.join(stages)})")
-        d = tools.run_dir(run)
+        d = tools.existing(run)
         if wait:
             return await blocking(ctx, d, f"stage:{stage}", stages=[stage], force=force)
         return background(d, f"stage:{stage}", stages=[stage], force=force)
@@ -233,12 +305,14 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
         """
         from realign.rollback import rollback as rollback_run
 
-        d = tools.run_dir(run)
+        d = tools.existing(run)
         try:
             with tools.jobs.claim(d, "rollback"):
                 res = await run_blocking(rollback_run, d, force=force, trigger="cli", ctx=ctx,
                                          progress_kw="progress")
-        except EXPECTED as e:
+        except ToolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. the run is busy
             raise tool_error(e) from e
         try:  # as `realign rollback`: the report shows the rollback
             await run_blocking(write_report, d)
@@ -258,15 +332,61 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
 
     @mcp.tool(annotations=READ_ONLY)
     async def run_status(run: RunArg) -> RunReport:
-        """A run's state (created, running, passed, failed, incomplete, interrupted), its
-        current stage and progress, and the verdict of every stage that has one."""
-        return await anyio.to_thread.run_sync(tools.report, tools.run_dir(run))
+        """A run's state (created, running, passed, failed, incomplete, interrupted; and, for
+        a job of this server, error with its message or cancelled), its current stage and
+        progress, and the verdict of every stage that has one."""
+        d = await anyio.to_thread.run_sync(tools.run_dir, run)
+        return await anyio.to_thread.run_sync(tools.report, d)
 
     @mcp.tool(annotations=READ_ONLY)
     async def list_runs() -> RunList:
-        """Every run in the server's runs directory, newest first, with its state."""
-        runs = await anyio.to_thread.run_sync(pipeline.list_runs, tools.runs_dir)
-        return RunList(runs_dir=str(tools.runs_dir), runs=runs)
+        """Every run in the server's runs directory, newest first, with its state (a run
+        whose record cannot be read is listed as corrupt with the reason; entries that
+        lead out of the runs directory are listed in skipped)."""
+
+        def collect() -> RunList:
+            found, skipped = tools.runs.listing()
+            runs = []
+            for d in found:
+                try:
+                    runs.append(tools.report(d))
+                except ToolError as e:  # one unreadable run never hides the others
+                    if "corrupt" in LIBRARY_STATES:
+                        runs.append(RunReport(run_id=d.name, run_dir=str(d), state="corrupt",
+                                              message=str(e)))
+                    else:
+                        skipped.append((d.name, str(e)))
+            return RunList(runs_dir=str(tools.runs_dir), runs=runs,
+                           skipped=[SkippedRun(name=n, reason=r) for n, r in skipped])
+
+        return await anyio.to_thread.run_sync(collect)
+
+    @mcp.tool(annotations=CANCEL)
+    async def cancel_run(
+        run: RunArg,
+        wait: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False,
+                                     description="seconds to wait for the job to stop (0: "
+                                                 "return at once and poll run_status)")] = 60,
+    ) -> RunReport:
+        """Stop the job this server runs on a run (start_pipeline, resume_run, run_stage,
+        run_pipeline) cleanly.
+
+        The job stops at its next progress update (a training step, a block of data, a
+        stage start), the run is recorded as stopped and its lock released; finished
+        stages and saved checkpoints are kept, so resume_run continues it later. Returns
+        the run's status: state 'cancelled' once stopped (still 'running' with
+        job.cancel_requested set if it did not stop within `wait` seconds). A rollback
+        cannot be cancelled.
+        """
+        d = await anyio.to_thread.run_sync(tools.run_dir, run)
+        try:
+            job = tools.jobs.cancel(d)
+        except ValueError as e:
+            raise tool_error(e) from e
+        with anyio.move_on_after(wait):
+            while not job.done.is_set():
+                await anyio.sleep(0.05)
+        return await anyio.to_thread.run_sync(tools.report, d)
 
     return ["start_pipeline", "run_pipeline", "resume_run", "run_stage", "run_status", "list_runs",
-            "rollback", "generate_report"]
+            "cancel_run", "rollback", "generate_report"]

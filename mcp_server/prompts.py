@@ -53,8 +53,11 @@ def register(mcp: MCPServer, tool_names: set[str]) -> None:
             "progress. Each finished stage's verdict is also the resource "
             "realign://runs/<id>/stages/<k>-<name>/verdict.json.",
             "8. On state 'failed', show the failing gate (value, op, threshold, detail), "
-            "explain it using the stage doc, and propose a fix; on 'interrupted', call "
-            "resume_run(run=<id>). On 'passed', summarise every gate.",
+            "explain it using the stage doc, and propose a fix; on 'error', show the message "
+            "(it names the file, field or stage to fix) and fix that first; on 'interrupted' "
+            "or 'cancelled', call resume_run(run=<id>). On 'passed', summarise every gate. "
+            "To stop a running job (a wrong config, a change of plan), call "
+            "cancel_run(run=<id>): the run keeps its finished stages and checkpoints.",
         ]
         extra = {
             "calibrate_hardware": f"Before training, calibrate_hardware(model='{model}') measures "

@@ -12,7 +12,6 @@ Templates (read-only JSON):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,17 +20,24 @@ from mcp.server.mcpserver.exceptions import ResourceError
 from realign.rundir import RunDir
 from realign.stages.registry import REGISTRY
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+from .paths import RunDirs
 
 
-def register(mcp: MCPServer, runs_dir: Path) -> None:
+def register(mcp: MCPServer, runs: RunDirs) -> None:
+    """Serve the run records of ``runs`` (the resolver the tools use)."""
+
     def run_file(run_id: str, pick: Callable[[RunDir], Path]) -> str:
-        if not _NAME.match(run_id) or run_id in (".", ".."):
-            raise ResourceError(f"'{run_id}' is not a run name")
-        p = pick(RunDir(runs_dir / run_id))
+        try:
+            d = runs.entry(run_id)  # a run id: one folder of the runs directory
+            if not RunDir(d).exists():
+                raise FileNotFoundError(f"no run '{run_id}' (list_runs shows the runs)")
+            d = runs.checked(d)
+        except (ValueError, OSError) as e:
+            raise ResourceError(str(e)) from None
+        p = pick(RunDir(d))
         real = p.resolve()
-        if not real.is_relative_to(runs_dir.resolve()):
-            raise ResourceError(f"{p} is outside the runs directory")
+        if not real.is_relative_to(d):
+            raise ResourceError(f"{p} is outside the run directory")
         if not real.is_file():
             raise ResourceError(f"no such run file: {p} (list_runs shows the runs)")
         return real.read_text(encoding="utf-8")

@@ -29,7 +29,7 @@ from realign.config import DEFAULT_MAX_LENGTH
 from realign.gates import DEFAULT_PRESET, GateResult, Thresholds
 from realign.ifd import IFDFileResult
 
-from ._util import run_blocking, tool_error
+from ._util import OverridesArg, check_finite, run_blocking, tool_error
 from .paths import PathPolicy
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -96,7 +96,7 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
         max_length: Annotated[int, Field(ge=8)] = DEFAULT_MAX_LENGTH,
         device: Annotated[str | None, Field(description="cuda, mps or cpu (default: best)")] = None,
         preset: Literal["relaxed", "standard", "strict"] = DEFAULT_PRESET,
-        thresholds: dict[str, float] = {},  # noqa: B006
+        thresholds: OverridesArg = {},  # noqa: B006
     ) -> KLReport:
         """KL(policy || reference) on a probe set, with the kl_divergence gate.
 
@@ -105,6 +105,7 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
         first max_examples pairs (nats/token). Also returns the per-sequence sums. Loads
         both models (CPU: seconds for small models, minutes for large ones).
         """
+        check_finite(thresholds)
         try:
             t = Thresholds(preset=preset, overrides=dict(thresholds))
         except ValueError as e:
@@ -166,7 +167,7 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
         max_length: Annotated[int, Field(ge=8)] = DEFAULT_MAX_LENGTH,
         device: Annotated[str | None, Field(description="cuda, mps or cpu (default: best)")] = None,
         preset: Literal["relaxed", "standard", "strict"] = DEFAULT_PRESET,
-        thresholds: dict[str, float] = {},  # noqa: B006
+        thresholds: OverridesArg = {},  # noqa: B006
     ) -> PreferenceGapReport:
         """Stage 2/4: the preference_gap gate of a file, scored by a reward model.
 
@@ -177,6 +178,7 @@ def register(mcp: MCPServer, paths: PathPolicy) -> list[str]:
         """
         from realign.reward import gap_on_file
 
+        check_finite(thresholds)
         try:
             t = Thresholds(preset=preset, overrides=dict(thresholds))
         except ValueError as e:

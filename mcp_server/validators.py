@@ -23,9 +23,11 @@ from realign.gates import (
     StageVerdict,
     Thresholds,
 )
+from realign.training_metrics import assess_rlvr_verifiability as _assess_rlvr
 from realign.validation import validate_file
+from realign.verifiers import VerifiabilityReport
 
-from ._util import run_blocking, tool_error
+from ._util import OverridesArg, check_finite, run_blocking, tool_error
 from .paths import PathPolicy
 
 Preset = Literal["relaxed", "standard", "strict"]
@@ -40,8 +42,6 @@ EvalArg = Annotated[list[str], Field(description="evaluation sets to decontamina
                                                  "(JSONL/JSON/Parquet/text files)")]
 FieldArg = Annotated[str | None, Field(description="text field of the evaluation sets (default: "
                                                    "prompt, question, text, input, ...)")]
-OverridesArg = Annotated[dict[str, float], Field(
-    description="override gate thresholds, e.g. {\"min_pairs\": 500}; call get_thresholds for names")]
 ScaleArg = Annotated[str, Field(description="scale of score_chosen/score_rejected: auto or LO-HI, "
                                             "e.g. 1-10")]
 NgramArg = Annotated[int, Field(ge=2, le=13, description="decontamination n-gram size (words)")]
@@ -86,6 +86,7 @@ class DecontaminationReport(BaseModel):
 
 
 def _thresholds(preset: str, overrides: dict[str, float] | None) -> Thresholds:
+    check_finite(overrides or {})
     try:
         return Thresholds(preset=preset, overrides=dict(overrides or {}))  # type: ignore[arg-type]
     except ValueError as e:
@@ -212,5 +213,26 @@ def register(mcp: MCPServer, policy: PathPolicy) -> list[str]:
             GateThreshold(name=n, stage=s.stage, op=s.op, threshold=t.get(n),
                           description=s.description) for n, s in GATE_SPECS.items()])
 
+    @mcp.tool(annotations=READ_ONLY)
+    async def assess_rlvr_verifiability(
+        path: Annotated[str, Field(description="rows with prompt, response (or completion) and "
+                                               "answer, tests or instructions (JSONL/JSON/Parquet)")],
+        ctx: Context,
+        threshold: Annotated[float | None, Field(ge=0, le=1, description="share of rows that must "
+                                                  "be verifiable (default: the gate's preset)")] = None,
+    ) -> VerifiabilityReport:
+        """Share of rows a real verifier can check, found by running the verifiers.
+
+        math (answer equivalence with math-verify), code (the response run against the
+        row's tests in a sandboxed subprocess), instructions (IFEval-style constraints
+        checked by code), exact (normalized final answer). Returns the share verifiable,
+        counts per verifier and per reason, the pass rate of the responses, and every row
+        as {line, verifier, verifiable, passed, score, reason}.
+        """
+        src = p(path, "path")
+        if threshold is not None:
+            check_finite({"threshold": threshold})
+        return await run_blocking(_assess_rlvr, src, ctx=ctx, threshold=threshold)
+
     return ["validate_preference_data", "clean_preference_data", "check_decontamination",
-            "get_thresholds"]
+            "get_thresholds", "assess_rlvr_verifiability"]

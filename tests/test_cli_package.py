@@ -22,7 +22,7 @@ NOT_COMMANDS = {"__init__", "__main__", "entry", "_common"}
 
 #: Every command of today's CLI (sub-app commands as "group command").
 EXPECTED = {
-    "validate", "thresholds",
+    "validate", "thresholds", "verify",
     "run", "resume", "stage", "status", "runs",
     "eval", "ifd", "calibrate",
     "rollback", "report",
@@ -46,7 +46,7 @@ def _command_modules() -> list[str]:
 
 def test_every_command_module_is_registered() -> None:
     assert set(_command_modules()) == {"validate", "pipeline", "eval", "ifd", "calibrate",
-                                       "report", "tools", "skill"}
+                                       "report", "tools", "skill", "verify"}
     union: set[str] = set()
     for name in _command_modules():
         module = importlib.import_module(f"realign.cli.{name}")

@@ -246,3 +246,33 @@ def test_unknown_and_missing(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     with pytest.raises(InputError, match="saved `datasets` dataset"):
         PairSource(tmp_path / "folder")
+
+
+def test_optional_fields_are_learned_from_the_whole_file(tmp_path: Path) -> None:
+    """Issue 13 item 6: a score or prompt field that first appears after the sniffed head
+    counts; the word as a value, inside a string or as a nested key does not."""
+    from realign.data import SNIFF_ROWS
+
+    head = [{"chosen": f"c {i}", "rejected": f"r {i}", "kind": "prompt",
+             "note": 'say "score_chosen": here', "meta": {"prompt": 1, "score_chosen": 2}}
+            for i in range(SNIFF_ROWS + 50)]
+    src = PairSource(write_jsonl(tmp_path / "decoys.jsonl", head))
+    assert (src.implicit_prompt, src.has_scores) == (True, False)
+    late = head + [{"chosen": "c", "rejected": "r", "score_chosen": 7, "score_rejected": 2}]
+    src = PairSource(write_jsonl(tmp_path / "late.jsonl", late))
+    assert src.has_scores and src.implicit_prompt
+    assert read_all(src.path)[-1]["score_chosen"] == 7.0
+    # JSON arrays: every object counts too
+    (tmp_path / "late.json").write_text(json.dumps(late))
+    assert PairSource(tmp_path / "late.json").has_scores
+
+
+def test_non_regular_input_is_refused(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "p.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="FIFO"):
+        PairSource(fifo)
+    with pytest.raises(InputError, match="device"):
+        PairSource("/dev/null")

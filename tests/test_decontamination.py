@@ -90,10 +90,13 @@ def test_coverage_values_and_short_items() -> None:
     # while a few inserted words keep the copy in one window
     inserted = " ".join(words[:4] + ["really", "quite"] + words[4:])
     assert iter_scan(idx, [inserted])[0].coverage == pytest.approx(1.0)
-    # items shorter than n words match only whole; under min_item_words not at all
-    short = index_of("red apples", "hi", ngram=3, min_item_words=2)
-    assert short.skipped_items == 1
-    assert flagged(short, ["I like red apples a lot", "red and apples", "hi there"]) == {0: 1}
+    # items shorter than n words match only whole; under min_item_words only as a whole
+    # text or sentence (exact match, issue 13 item 2); items without words not at all
+    short = index_of("red apples", "hi", "?!", ngram=3, min_item_words=2)
+    assert short.skipped_items == 1 and short.n_checked == 2
+    assert short.method_counts == {"ngram": 0, "whole": 1, "exact": 1}
+    assert flagged(short, ["I like red apples a lot", "red and apples", "hi there",
+                           "Well. Hi!"]) == {0: 1, 3: 2}
 
 
 def test_template_ngrams_are_not_indexed() -> None:
@@ -234,3 +237,110 @@ def test_word_hashes_match_a_python_split() -> None:
             for word, h in zip([w for e in expected for w in e], got.hashes.tolist()):
                 assert seen.setdefault(word, h) == h  # same word, same hash
             assert len(set(seen.values())) == len(seen)  # different words, different hashes
+
+
+# ------------------------------------------------------------ numbers, code, zero width
+def test_numbers_must_lie_inside_the_matched_window() -> None:
+    """A short item's numbers must be covered by the aligned match, not merely occur
+    somewhere: "What is 9 * 80?" does not contain "What is 9 + 9?" (it used to: 3 of 4
+    words covered, and the 9 occurs)."""
+    idx = index_of("What is 9 + 9?", "What is 3 times 3?", "What is 36 + 44?")
+    docs = ["What is 9 * 80? Answer with the number.", "What is 3 - 31?",
+            "What is 36 * 2 and 44?", "Quick: what is 9 + 9? Then stop.",
+            "what is three times three"]
+    assert flagged(idx, docs) == {3: 1, 4: 2}
+
+
+CODE_ITEMS = [
+    '''from typing import List
+
+
+def has_close_elements(numbers: List[float], threshold: float) -> bool:
+    """ Check if in given list of numbers, are any two numbers closer to each other than
+    given threshold.
+    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)
+    False
+    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)
+    True
+    """
+''',
+    '''
+
+def strlen(string: str) -> int:
+    """ Return length of given string
+    >>> strlen('')
+    0
+    >>> strlen('abc')
+    3
+    """
+''',
+    '''
+
+def greatest_common_divisor(a: int, b: int) -> int:
+    """ Return a greatest common divisor of two integers a and b
+    >>> greatest_common_divisor(3, 5)
+    1
+    >>> greatest_common_divisor(25, 15)
+    5
+    """
+''',
+    '''
+
+def count_vowels(word: str) -> int:
+    """ Return how many vowels (a, e, i, o, u) the given word contains
+    >>> count_vowels('banana')
+    3
+    >>> count_vowels('sky')
+    0
+    """
+''',
+    '''
+
+def sum_of_squares(values: list) -> int:
+    """ Return the sum of the squares of the given integers
+    >>> sum_of_squares([1, 2, 3])
+    14
+    >>> sum_of_squares([])
+    0
+    """
+''',
+]
+RENAMED = [("has_close_elements", "any_two_near"), ("strlen", "text_size"),
+           ("greatest_common_divisor", "gcd_of"), ("count_vowels", "vowel_total"),
+           ("sum_of_squares", "square_total")]
+
+
+def _rename(text: str, old: str, new: str) -> str:
+    return re.sub(rf"\b{old}\b", new, text)
+
+
+def test_code_copied_with_its_function_renamed_is_the_same_item() -> None:
+    """Issue 13 item 3: identifiers in code are masked on both sides, so a renamed copy
+    (doctests included) covers the item (before: the short ones were missed)."""
+    idx = index_of(*CODE_ITEMS)
+    assert idx.mask_code
+    copies = [_rename(t, a, b) for t, (a, b) in zip(CODE_ITEMS, RENAMED)]
+    assert all(a not in c and b in c for c, (a, b) in zip(copies, RENAMED))
+    copies.append(_rename(copies[0], "numbers", "values"))  # a parameter renamed too
+    copies.append("Complete this function.\n```python" + copies[2] + "```\nThanks!")
+    got = {h.doc: (h.item_line, h.coverage) for h in iter_scan(idx, copies)}
+    assert {d: line for d, (line, _) in got.items()} == {0: 1, 1: 2, 2: 3, 3: 4, 4: 5, 5: 1,
+                                                           6: 3}
+    assert all(cov >= 0.9 for _, cov in got.values())
+
+
+def test_unrelated_code_in_the_same_style_is_not_flagged() -> None:
+    for i, item in enumerate(CODE_ITEMS):
+        idx = index_of(item)
+        others = [_rename(t, a, b) for j, (t, (a, b)) in enumerate(zip(CODE_ITEMS, RENAMED))
+                  if j != i]
+        assert iter_scan(idx, others) == [], i
+    # prose items never turn masking on (documents are then scanned as before)
+    assert not index_of(ITEM).mask_code
+
+
+def test_zero_width_characters_do_not_hide_an_item() -> None:
+    idx = index_of(ITEM)
+    hidden = " ".join(w[:1] + "\u200b" + w[1:] if len(w) > 3 else w for w in ITEM.split())
+    hidden = hidden.replace("width", "wi\u2060dth")
+    assert flagged(idx, [hidden]) == {0: 1}

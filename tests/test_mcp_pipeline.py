@@ -68,7 +68,7 @@ async def test_run_pipeline_blocking_with_progress(tmp_path: Path) -> None:
     (stage,) = st["stages"]
     assert stage["name"] == "preference_data" and stage["status"] == "pass"
     gates = {g["name"]: g for g in stage["verdict"]["gates"]}
-    assert gates["min_pairs"]["value"] == 1047 and gates["min_pairs"]["threshold"] == 500
+    assert gates["min_pairs"]["value"] == 1073 and gates["min_pairs"]["threshold"] == 500
     assert verdict == same and verdict["findings"]["contaminated"] == [71, 81]
     assert run_json["run_id"] == "r1"
     assert [r["run_id"] for r in listed["runs"]] == ["r1"]

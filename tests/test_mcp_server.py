@@ -104,7 +104,7 @@ async def test_validate_example_reports_planted_problems() -> None:
                        {"path": str(PAIRS), "eval_sets": [str(EVAL)]})
     gates = {g["name"]: g for g in v["gates"]}
     assert v["status"] == "pass"
-    assert gates["min_pairs"]["value"] == 1047 and gates["min_pairs"]["threshold"] == 1000
+    assert gates["min_pairs"]["value"] == 1073 and gates["min_pairs"]["threshold"] == 1000
     f = v["findings"]
     # make_sample.py plants 3 duplicates, 2 identical, 1 empty, 2 contaminated
     assert f["duplicates"][:3] == [11, 21, 31]
@@ -167,7 +167,7 @@ async def test_clean_preference_data_writes_usable_rows(tmp_path: Path) -> None:
         assert await call_error(c, "clean_preference_data",
                                 {"path": str(PAIRS), "output": str(PAIRS)})
     lines = out.read_text().splitlines()
-    assert len(lines) == v["findings"]["counts"]["usable"] == 1047
+    assert len(lines) == v["findings"]["counts"]["usable"] == 1073
     assert v["artifacts"]["clean"] == str(out)
 
 

@@ -85,7 +85,7 @@ async def test_new_tools_listed_with_hints_and_schemas(monkeypatch: pytest.Monke
     for name in ("calibrate_hardware", "rollback", "generate_report"):
         assert tools[name].annotations.read_only_hint is False, name
     assert tools["rollback"].annotations.destructive_hint is False  # nothing is deleted
-    assert "assess_rlvr_verifiability" not in tools  # the library raises NotImplementedError
+    assert tools["assess_rlvr_verifiability"].annotations.read_only_hint is True
     # run_stage's enum is realign.config.STAGES as the server is built
     assert tools["run_stage"].input_schema["properties"]["stage"]["enum"] == list(config.STAGES)
     assert "future_stage" in tools["run_stage"].input_schema["properties"]["stage"]["enum"]
@@ -379,7 +379,7 @@ async def test_docs_list_exactly_the_registered_tools() -> None:
                       if ln.startswith("|"))
     assert tools <= readme, tools - readme
     assert set(re.findall(r"`([a-z][a-z0-9_]*)\(\)`", table)) == tools
-    assert "assess_rlvr_verifiability" in readme and "assess_rlvr_verifiability" not in tools
+    assert "assess_rlvr_verifiability" in readme and "assess_rlvr_verifiability" in tools
 
 
 async def test_new_tools_confine_paths(tmp_path: Path) -> None:
@@ -403,3 +403,24 @@ async def test_new_tools_confine_paths(tmp_path: Path) -> None:
         ]
     for e in errs:
         assert "outside the allowed roots" in e or "contains '..'" in e, e
+
+
+async def test_assess_rlvr_verifiability_runs_the_verifiers(tmp_path: Path) -> None:
+    """The tool returns the library's report: 2 of 3 rows verifiable (one has no ground
+    truth), one response right, one wrong; below the 0.8 gate → fail."""
+    from realign.training_metrics import assess_rlvr_verifiability
+
+    data = write_jsonl(tmp_path / "rl.jsonl", [
+        {"prompt": "What is 6 times 7?", "response": "The answer is 42.", "answer": "42"},
+        {"prompt": "Capital of France?", "response": "It is not Paris. Maybe Tokyo.",
+         "answer": "Paris"},
+        {"prompt": "Write a poem.", "response": "Roses."},
+    ])
+    async with Client(build_server(runs_dir=tmp_path / "runs")) as c:
+        got = await call(c, "assess_rlvr_verifiability", {"path": str(data)})
+        err = await call_error(c, "assess_rlvr_verifiability", {"path": str(tmp_path / "nope.jsonl")})
+    lib = assess_rlvr_verifiability(data)
+    assert got["rows"] == 3 and got["verifiable"] == 2 == lib.verifiable
+    assert got["passed"] == 1 and got["status"] == "fail" == lib.status
+    assert [r["passed"] for r in got["results"][:2]] == [True, False]
+    assert "nope.jsonl" in err

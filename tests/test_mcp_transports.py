@@ -43,8 +43,8 @@ async def test_stdio_subprocess() -> None:
         res = await c.call_tool("validate_preference_data", {"path": "examples/pairs.jsonl"})
     assert "validate_preference_data" in tools
     assert not res.is_error
-    assert {g["name"]: g["value"] for g in res.structured_content["gates"]}["min_pairs"] == 1049
-    # without eval sets the 2 contaminated pairs count as usable (1047 + 2)
+    assert {g["name"]: g["value"] for g in res.structured_content["gates"]}["min_pairs"] == 1075
+    # without eval sets the 2 contaminated pairs count as usable (1073 + 2)
 
 
 def _free_port() -> int:

@@ -138,3 +138,27 @@ def test_win_rate_bad_input_and_empty():
         win_rate([0.7])
     e = win_rate([])
     assert e.win_rate is None and e.unmeasured_reason == "no judgements"
+
+
+def test_retention_by_suite_names_every_suite_and_never_raises():
+    from realign.evaluation import BenchmarkResults, ItemScore, SuiteResult, retention_by_suite
+
+    def res(suites):
+        return BenchmarkResults(
+            suites={k: SuiteResult(suite=k, metric="acc,none", score=float(np.mean([s for _, s in v])) if v else None,
+                                   n=len(v), items=[ItemScore(id=i, score=s) for i, s in v],
+                                   shipped=True, apply_chat_template=False) for k, v in suites.items()},
+            batch_size=1, device="cpu", seconds=0.0, lm_eval_version="test")
+
+    before = res({"same": [("a", 1), ("b", 0)], "gone": [("a", 1)], "moved": [("a", 1), ("b", 1)],
+                  "empty": []})
+    after = res({"same": [("b", 0), ("a", 1)], "moved": [("a", 1), ("c", 1)], "empty": [("a", 1)],
+                 "new": [("a", 1)]})
+    r = retention_by_suite(before, after, n_boot=50)
+    assert list(r) == ["same", "gone", "moved", "empty", "new"]
+    assert r["same"].retention == 1.0
+    assert "not in the evaluated model's results" in r["gone"].unmeasured_reason
+    assert "items differ (1 only before, 1 only after)" in r["moved"].unmeasured_reason
+    assert "no per-item scores before" in r["empty"].unmeasured_reason
+    assert "not in the baseline's results" in r["new"].unmeasured_reason
+    assert all(r[k].retention is None for k in ("gone", "moved", "empty", "new"))

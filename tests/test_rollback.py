@@ -83,3 +83,18 @@ def test_refuses_without_regression(run_dir, tmp_path):
     from realign.cli import app
 
     assert CliRunner().invoke(app, ["rollback", str(run_dir)]).exit_code == 2
+
+
+def test_corrupt_stage7_verdict_is_bad_input_naming_the_file(run_dir):
+    from typer.testing import CliRunner
+
+    from realign.cli import app
+
+    p = run_dir / "stages" / "7-evaluation" / "verdict.json"
+    p.write_bytes(b"")
+    with pytest.raises(InputError, match="empty") as e:
+        rollback(run_dir)
+    assert str(p) in str(e.value)
+    res = CliRunner().invoke(app, ["rollback", str(run_dir)])
+    assert res.exit_code == 2 and "verdict.json" in res.output and "Traceback" not in res.output
+    assert not (run_dir / "rollback.json").exists()

@@ -34,6 +34,11 @@ STD = PRESETS["standard"]
     ("Cairorama", "Cairo", False),
     ("it is NEW DELHI!", "New Delhi", True),
     ("anything", "", False),
+    # issue 13.11: the final answer is compared, never "the reference occurs somewhere"
+    ("It is not Paris. Maybe Tokyo", "Paris", False),
+    ("Paris is the capital of France, not Tokyo", "Paris", False),
+    ("The answer is not 45.", "45", False),
+    ("Answer: Paris", "Paris", True),
 ])
 def test_verify_answer(response, reference, ok):
     assert verify_answer(response, reference) is ok
@@ -66,19 +71,68 @@ def _results(scores: dict[str, list[float]]) -> BenchmarkResults:
 
 
 def test_retention_gates_exact_values():
-    before = _results({"a": [1, 1, 1, 1], "b": [1, 1, 0, 0], "zero": [0, 0, 0]})
-    after = _results({"a": [1, 1, 1, 0], "b": [1, 1, 0, 0], "zero": [1, 0, 0]})
+    before = _results({"a": [1, 1, 1, 1], "b": [1, 1, 0, 0]})
+    after = _results({"a": [1, 1, 1, 0], "b": [1, 1, 0, 0]})
     gates, table = retention_gates(Thresholds(), before, after, n_boot=500, seed=1)
     mean, worst = gates
     assert table["a"].retention == pytest.approx(0.75) and table["b"].retention == pytest.approx(1.0)
-    assert table["zero"].retention is None and "undefined" in table["zero"].unmeasured_reason
     assert mean.name == "capability_retention" and mean.value == pytest.approx(0.875)
-    assert mean.status == ("pass" if 0.875 >= STD["capability_retention"] else "fail")
+    assert 0.875 < STD["capability_retention"] and mean.status == "fail"
     assert worst.value == pytest.approx(0.75) and worst.status == "fail"
     assert worst.ci95 == table["a"].ci95 and "a:" in worst.detail
-    assert "zero" in mean.detail  # the undefined benchmark is named, not silently dropped
     lo, hi = mean.ci95
     assert lo <= 0.875 <= hi
+
+
+def _with(results: BenchmarkResults, name: str, suite: SuiteResult) -> BenchmarkResults:
+    return results.model_copy(update={"suites": {**results.suites, name: suite}})
+
+
+def _suite(name: str, scores: list[float], ids: list[str] | None = None) -> SuiteResult:
+    ids = ids or [f"{name}-{i}" for i in range(len(scores))]
+    return SuiteResult(suite=name, metric="acc,none", score=float(np.mean(scores)) if scores else None,
+                       n=len(scores), items=[ItemScore(id=i, score=s) for i, s in zip(ids, scores)],
+                       shipped=True, apply_chat_template=False)
+
+
+# Each case adds one benchmark whose retention is undefined to two that retain fully
+# (retention 1.0: both gates would pass on them alone).
+@pytest.mark.parametrize("case,reason", [
+    ("zero_baseline", "undefined"),
+    ("missing_from_policy", "not in the evaluated model's results"),
+    ("missing_from_baseline", "not in the baseline's results"),
+    ("no_items_before", "no per-item scores"),
+    ("no_items_after", "no per-item scores"),
+    ("different_items", "the items differ"),
+])
+def test_retention_gates_never_pass_on_a_subset(case, reason):
+    good = {"a": [1, 1, 1, 0], "b": [1, 0, 1, 1]}
+    before, after = _results(good), _results(good)
+    ok, _ = retention_gates(Thresholds(), before, after, n_boot=50, seed=0)
+    assert [g.status for g in ok] == ["pass", "pass"]  # the rest alone would pass
+    if case == "zero_baseline":
+        before, after = _with(before, "c", _suite("c", [0, 0, 0])), _with(after, "c", _suite("c", [1, 0, 0]))
+    elif case == "missing_from_policy":
+        before = _with(before, "c", _suite("c", [1, 1, 0]))
+    elif case == "missing_from_baseline":
+        after = _with(after, "c", _suite("c", [1, 1, 0]))
+    elif case == "no_items_before":
+        before = _with(before, "c", _suite("c", [1, 1, 0]).model_copy(update={"items": []}))
+        after = _with(after, "c", _suite("c", [1, 1, 0]))
+    elif case == "no_items_after":
+        before = _with(before, "c", _suite("c", [1, 1, 0]))
+        after = _with(after, "c", _suite("c", [1, 1, 0]).model_copy(update={"items": []}))
+    else:
+        before = _with(before, "c", _suite("c", [1, 1, 0], ["x", "y", "z"]))
+        after = _with(after, "c", _suite("c", [1, 1, 0], ["x", "y", "w"]))
+    gates, table = retention_gates(Thresholds(), before, after, n_boot=50, seed=0)
+    assert [g.name for g in gates] == ["capability_retention", "worst_benchmark_retention"]
+    for g in gates:
+        assert g.status == "unmeasured" and g.value is None
+        assert "c:" in g.detail and reason in g.detail  # the benchmark and why, by name
+        assert "a 1.000" in g.detail and "b 1.000" in g.detail  # what was measured is shown
+    assert table["c"].retention is None and reason in table["c"].unmeasured_reason
+    assert table["a"].retention == 1.0 and table["b"].retention == 1.0
 
 
 def test_mean_retention_ci_matches_reference():
@@ -102,6 +156,9 @@ def test_no_defined_retention_is_unmeasured():
     after = _results({"zero": [1, 1]})
     gates, _ = retention_gates(Thresholds(), before, after, n_boot=10, seed=0)
     assert [g.status for g in gates] == ["unmeasured", "unmeasured"]
+    empty = _results({})
+    gates, table = retention_gates(Thresholds(), empty, empty, n_boot=10, seed=0)
+    assert [g.status for g in gates] == ["unmeasured", "unmeasured"] and table == {}
 
 
 def test_decide():
@@ -124,6 +181,64 @@ def test_winrate_prompts_order_and_dedupe():
     assert got[3]["reference"] == "7"  # a duplicate's reference is kept
     assert [g["in_probe"] for g in got] == [False] * 5
     assert len(winrate_prompts(rows, probe_size=2, limit=2)) == 2
+
+
+@pytest.mark.needs("torch")
+def test_baseline_response_cache_keys_every_input(tmp_path):
+    """Stage 7's stored baseline responses are reused only for the same prompts, model
+    (path and digest), token cap, batch size, device, dtype and versions."""
+    from realign.assessment import baseline_cache_key, baseline_responses
+    from realign.config import RunConfig
+    from realign.fileio import write_json_atomic, write_jsonl_atomic
+    from realign.gates import make_verdict
+    from realign.pipeline import create_run
+    from realign.stages.context import RunContext
+
+    class Backend:
+        def __init__(self):
+            self.loaded: list[str] = []
+
+        def load(self, model, device=None):
+            self.loaded.append(str(model))
+            return object()
+
+        def generate(self, handle, prompts, *, max_new_tokens, batch_size):
+            return [f"fresh {batch_size}"] * len(prompts)
+
+    t = Thresholds()
+    (tmp_path / "base").mkdir()
+    run = create_run(RunConfig(data=str(tmp_path / "x.jsonl"), model=str(tmp_path / "base"),
+                               output_dir=str(tmp_path / "runs"), run_id="cache"))
+
+    def stage1(digest: str) -> None:
+        write_json_atomic(run / "stages" / "1-sft_baseline" / "verdict.json", make_verdict(
+            "sft_baseline", [], t, artifacts={"model": str(tmp_path / "base"), "model_digest": digest}))
+
+    def ctx(**evaluation) -> RunContext:
+        from realign.pipeline import load_run_config
+
+        cfg = load_run_config(run)
+        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update=evaluation)})
+        return RunContext(config=cfg, run_dir=run, thresholds=t)
+
+    stage1("sha256:aaa")
+    prompts = [{"prompt": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+    key = baseline_cache_key(ctx())
+    assert key["model"] == str(tmp_path / "base") and key["model_digest"] == "sha256:aaa"
+    assert {"max_new_tokens", "batch_size", "device", "dtype", "torch", "transformers"} <= set(key)
+    write_jsonl_atomic(run / "stages" / "7-evaluation" / "winrate.jsonl",
+                       [{"prompt": p["prompt"], "baseline": f"cached {i}", "baseline_key": key}
+                        for i, p in enumerate(prompts)])
+    b = Backend()
+    assert baseline_responses(ctx(), prompts, backend=b) == ["cached 0", "cached 1", "cached 2"]
+    assert b.loaded == []
+    # a different batch size, token cap, model digest or prompt list: generated again
+    assert baseline_responses(ctx(batch_size=3), prompts, backend=b) == ["fresh 3"] * 3
+    assert baseline_responses(ctx(max_new_tokens=5), prompts, backend=b)[0].startswith("fresh")
+    assert baseline_responses(ctx(), prompts[:2], backend=b)[0].startswith("fresh")
+    stage1("sha256:bbb")  # stage 1 rerun: another model behind the same path
+    assert baseline_responses(ctx(), prompts, backend=b)[0].startswith("fresh")
+    assert len(b.loaded) == 4
 
 
 # ----------------------------------------------------------------------------- tiny model
@@ -180,8 +295,13 @@ def test_stage7_gates_on_tiny_run(tiny_run):
     after = BR.model_validate_json(Path(v.artifacts["benchmarks"]).read_text())
     b, a = before.suites["realign_knowledge"], after.suites["realign_knowledge"]
     assert [i.id for i in a.items] == [i.id for i in b.items] and a.n == 12  # same items
-    if b.score:
-        assert v.gate("worst_benchmark_retention").value == pytest.approx(a.score / b.score)
+    assert b.score > 0  # the tiny model is above 0 on these items: retention is defined
+    assert v.gate("worst_benchmark_retention").value == pytest.approx(a.score / b.score)
+    assert v.gate("capability_retention").value == pytest.approx(a.score / b.score)  # one benchmark
+    # win_rate fails (near-identical greedy answers tie: 0.5 is not > 0.5) and is allowed:
+    # the run is not `passed`
+    assert v.gate("win_rate").status == "fail"
+    assert status.state == "passed_with_failures" and "evaluation:win_rate" in status.allowed_failures
     # win rate: one judgement per prompt by the stage-4 reward model (no references here)
     recs = [json.loads(x) for x in Path(v.artifacts["winrate"]).read_text().splitlines()]
     assert 0 < len(recs) <= 10 and {r["judge"] for r in recs} == {"reward_model"}

@@ -53,8 +53,9 @@ def make_rows() -> list[dict[str, Any]]:
     for i in range(N):
         long_, short = " ".join(OTHER[i + 100].split()[:25]), f"Reply number {i}."
         chosen, rejected = (long_, short) if i % 2 else (short, long_)
+        # scores use both ends of 1-10, so `auto` reads that scale beyond doubt
         rows.append({"prompt": OTHER[i], "chosen": chosen, "rejected": rejected,
-                     "score_chosen": 8 + i % 3, "score_rejected": 2 + i % 4})
+                     "score_chosen": 8 + i % 3, "score_rejected": 1 + i % 4})
     rows[10] = dict(rows[3])  # line 11: exact duplicate of line 4
     rows[11] = dict(rows[5], prompt="  " + rows[5]["prompt"].upper().replace(" ", " \t "))
     rows[12]["rejected"] = rows[12]["chosen"].replace(" ", "   ") + " "  # identical
@@ -179,13 +180,26 @@ def test_scores_null_missing_and_unmeasured(tmp_path: Path) -> None:
     assert g.status == "unmeasured" and "no score" in g.detail
     assert v.gate("decontamination").status == "unmeasured"
     assert v.status == "incomplete"
-    rows[0].update(score_chosen=4, score_rejected=1)
+    # 2 of 6 usable pairs scored (one more has a null score): under the 80% coverage
+    # needed, the gap is unmeasured and the detail gives the count (it used to be
+    # measured on the two pairs)
+    rows[0].update(score_chosen=5, score_rejected=1)
     rows[1].update(score_chosen=None, score_rejected=2)
-    rows[2].update(score_chosen=5, score_rejected=3)
+    rows[2].update(score_chosen=4, score_rejected=3)
     v = validate_file(write(tmp_path / "m.jsonl", rows), thresholds=relaxed(1))
-    assert v.gate("preference_gap").value == pytest.approx(((4 - 1) + (5 - 3)) / 2 / 4)  # 1-5
-    assert "4 usable pairs without scores" in v.gate("preference_gap").detail
-    rows[0].update(score_chosen=400)
+    g = v.gate("preference_gap")
+    assert g.status == "unmeasured" and g.value is None
+    assert "only 2 of 6 usable pairs (33.3%) have both scores" in g.detail
+    assert v.findings["preference_gap"]["scored_pairs"] == 2
+    # the share is configurable: at 1/3 the same file is measured (scale 1-5, beyond
+    # doubt: the scores reach 1 and 5), and the detail counts the pairs left out
+    v = validate_file(tmp_path / "m.jsonl", thresholds=relaxed(1), gap_min_coverage=1 / 3)
+    g = v.gate("preference_gap")
+    assert g.value == pytest.approx(((5 - 1) + (4 - 3)) / 2 / 4)
+    assert "of 6 usable (33.3%; 4 without both scores left out)" in g.detail
+    # scores outside every standard scale: unmeasured, saying how to declare one
+    for r in rows:
+        r.update(score_chosen=400, score_rejected=3)
     v = validate_file(write(tmp_path / "o.jsonl", rows), thresholds=relaxed(1))
     assert v.gate("preference_gap").status == "unmeasured"
     assert "--score-scale" in v.gate("preference_gap").detail
@@ -272,11 +286,13 @@ def test_nothing_written_on_bad_input(tmp_path: Path) -> None:
     lines = [json.dumps(r) for r in rows]
     lines[1100] = lines[1100][:-5]  # truncated JSON after many blocks were written
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out" / "clean.jsonl"
+    out = tmp_path / "out" / "deeper" / "clean.jsonl"
     with pytest.raises(InputError) as ei:
         validate_file(tmp_path / "bad.jsonl", write_clean=out, block_bytes=4096)
     assert ei.value.line == 1101
-    assert not out.exists() and list(out.parent.iterdir()) == []
+    # no file, no temporary file, and the folders it created are gone again
+    assert not (tmp_path / "out").exists()
+    out.parent.mkdir(parents=True)
     out.write_text("previous\n")  # an existing output is left as it was
     with pytest.raises(InputError):
         validate_file(tmp_path / "bad.jsonl", write_clean=out, block_bytes=4096)

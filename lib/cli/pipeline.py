@@ -21,11 +21,13 @@ from rich.table import Table
 
 from ..config import STAGES as _STAGES
 from ..errors import InputError, RealignError
+from ..gates import EXIT_CODES, RUN_EXIT
 from ._common import STATUS_STYLE, err, fail_input, out, print_verdict
 
 _STAGE_NAMES = list(_STAGES)
-RUN_EXIT = {"passed": 0, "failed": 1, "incomplete": 3, "interrupted": 1, "created": 3,
-            "running": 3}
+#: Colours of the states and stage statuses beyond the gate statuses of ``STATUS_STYLE``.
+_STYLE = {**STATUS_STYLE, "passed": "green", "failed": "bold red",
+          "passed_with_failures": "bold yellow", "stale": "magenta", "corrupt": "bold red"}
 
 
 @contextmanager
@@ -63,7 +65,9 @@ def _print_status(status: object, verbose: bool = True) -> None:
     from ..pipeline import RunStatus
 
     assert isinstance(status, RunStatus)
-    table = Table(title=f"run {status.run_id} — {status.state}")
+    state_style = _STYLE.get(status.state, "")
+    table = Table(title=f"run {escape(status.run_id)} — "
+                        + (f"[{state_style}]{status.state}[/]" if state_style else status.state))
     for c in ("stage", "status", "gates"):
         table.add_column(c, overflow="fold")
     for s in status.stages:
@@ -72,11 +76,15 @@ def _print_status(status: object, verbose: bool = True) -> None:
             gates = ", ".join(
                 f"{g.name}={'—' if g.value is None else f'{g.value:.4g}'} [{STATUS_STYLE[g.status]}]{g.status}[/]"
                 for g in s.verdict.gates)
-        style = STATUS_STYLE.get(s.status, "")
+        if s.note:
+            gates = (gates + "\n" if gates else "") + escape(s.note)
+        style = _STYLE.get(s.status, "")
         table.add_row(f"{s.number} {s.name}", f"[{style}]{s.status}[/]" if style else s.status, gates)
     out.print(table)
     if status.message:
-        out.print(status.message)
+        out.print(escape(status.message))
+    if status.allowed_failures:
+        out.print(f"[yellow]allowed gate failures:[/] {', '.join(status.allowed_failures)}")
     if verbose:
         for s in status.stages:
             for w in (s.verdict.warnings if s.verdict else []):
@@ -98,19 +106,27 @@ def _guard(fn: Callable[[], object]) -> object:
 
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="run config (YAML; see templates.md)")],
-    run_id: Annotated[Optional[str], typer.Option(help="name of the run directory")] = None,
+    run_id: Annotated[Optional[str], typer.Option(
+        help="name of the run directory: one folder name (letters, digits, '.', '_', '-')")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final run status as JSON")] = False,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="config overrides KEY=VALUE (e.g. dpo.beta=0.2), checked by the same schema",
         metavar="KEY=VALUE", show_default=False)] = None,
 ) -> None:
-    """Run the pipeline stages of a config, gate by gate, in a new run directory."""
+    """Run the pipeline stages of a config, gate by gate, in a new run directory.
+
+    The config is checked first (model, data and eval paths, every data row, step
+    counts); bad input exits 2 before the run directory exists.
+    """
     from ..config import load_config
-    from ..pipeline import create_run, run_stages
+    from ..pipeline import create_run, preflight, run_stages
+    from ..rundir import check_run_id
 
     cfg = _guard(lambda: load_config(config, overrides=list(overrides) if overrides else None))
-    if run_id:
+    if run_id is not None:
+        _guard(lambda: check_run_id(run_id))
         cfg = cfg.model_copy(update={"run_id": run_id})  # type: ignore[union-attr]
+    _guard(lambda: preflight(cfg, source=config))  # type: ignore[arg-type]
     run_dir = _guard(lambda: create_run(cfg))  # type: ignore[arg-type]
     err.print(f"run directory: {run_dir}")
     with stage_progress(err.is_terminal or not as_json) as cb:
@@ -138,7 +154,7 @@ def stage(
 ) -> None:
     """Run (or rerun) one stage; earlier stages it needs must have run in the same run dir."""
     from ..config import STAGES, load_config
-    from ..pipeline import create_run, run_stages
+    from ..pipeline import create_run, preflight, run_stages
 
     if name not in STAGES:
         fail_input(f"unknown stage '{name}' (choose from {', '.join(STAGES)})")
@@ -146,6 +162,7 @@ def stage(
         fail_input("give exactly one of --run RUN_DIR or --config FILE")
     if run_dir is None:
         cfg = _guard(lambda: load_config(config))  # type: ignore[arg-type]
+        _guard(lambda: preflight(cfg, stages=[name], source=config))  # type: ignore[arg-type]
         run_dir = _guard(lambda: create_run(cfg))  # type: ignore[arg-type]
     with stage_progress(err.is_terminal or not as_json) as cb:
         status = _guard(lambda: run_stages(run_dir, stages=[name], force=True, progress=cb))  # type: ignore[arg-type]
@@ -157,7 +174,7 @@ def stage(
         sys.stdout.write((st.verdict.model_dump_json() if st and st.verdict else "{}") + "\n")
     elif st and st.verdict:
         print_verdict(st.verdict)
-    code = {"pass": 0, "fail": 1, "incomplete": 3}.get(st.verdict.status if st and st.verdict else "", 1)
+    code = EXIT_CODES.get(st.verdict.status if st and st.verdict else "", 1)
     raise typer.Exit(code)
 
 
@@ -165,7 +182,8 @@ def status(
     run_dir: Annotated[Path, typer.Argument(help="run directory (runs/<run-id>)")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Show a run's state, current stage, progress and gate results."""
+    """Show a run's state, current stage, progress and gate results (stale and unreadable
+    verdicts, and the failed gates the config allows, are named)."""
     from ..pipeline import run_status
 
     st = _guard(lambda: run_status(run_dir))
@@ -188,11 +206,13 @@ def runs_cmd(
     if as_json:
         sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in runs]) + "\n")
         return
-    table = Table(title=f"runs in {root}")
+    table = Table(title=f"runs in {escape(str(root))}")
     for c in ("run", "state", "stage", "message"):
         table.add_column(c)
     for r in runs:
-        table.add_row(r.run_id, r.state, r.current_stage or "", r.message)
+        style = _STYLE.get(r.state, "")
+        table.add_row(escape(r.run_id), f"[{style}]{r.state}[/]" if style else r.state,
+                      r.current_stage or "", escape(r.message))
     out.print(table)
 
 

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError, RealignError
+from ..gates import GAP_MIN_COVERAGE
 from ._common import emit, err, fail_input, out, progress_bar, thresholds_from
 
 
@@ -21,15 +22,18 @@ def _decontam_defaults() -> dict[str, Any]:
 
 
 _DECONTAM_DEFAULTS = _decontam_defaults()
+_GAP_MIN_COVERAGE = GAP_MIN_COVERAGE
 
 
 def validate(
     pairs: Annotated[Path, typer.Argument(help="preference data: .jsonl, .json, .parquet or a saved dataset folder")],
     eval: Annotated[Optional[list[Path]], typer.Option("--eval", help="evaluation set to decontaminate against (repeatable)")] = None,
     eval_field: Annotated[Optional[str], typer.Option(help="text field of the evaluation sets (default: prompt, question, text, input, ...)")] = None,
+    benchmark: Annotated[Optional[list[str]], typer.Option("--benchmark", help="benchmark to decontaminate against, by name: a shipped suite (realign_knowledge, realign_arith, realign_format) or an lm-eval task (repeatable)")] = None,
     preset: Annotated[str, typer.Option(help="threshold preset: relaxed, standard, strict")] = "standard",
     threshold: Annotated[Optional[list[str]], typer.Option("--threshold", help="override one gate: NAME=VALUE (repeatable)")] = None,
-    score_scale: Annotated[str, typer.Option(help="scale of score_chosen/score_rejected: auto or LO-HI, e.g. 1-10")] = "auto",
+    score_scale: Annotated[str, typer.Option(help="scale of score_chosen/score_rejected: LO-HI (e.g. 1-10; LO:HI for negative bounds) or auto: read from the scores only when their lowest and highest values are the two ends of 0-1, 1-5, 1-10, 0-10 or 0-100")] = "auto",
+    gap_min_coverage: Annotated[float, typer.Option(help="least share of usable pairs with both scores for preference_gap to be measured (0 < share <= 1)")] = _GAP_MIN_COVERAGE,
     ngram: Annotated[int, typer.Option(help="decontamination n-gram size (words)")] = _DECONTAM_DEFAULTS["ngram"],
     min_coverage: Annotated[float, typer.Option(help="share of an eval item's words a pair must cover to count as contaminated")] = _DECONTAM_DEFAULTS["min_coverage"],
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="skip malformed rows (listed as findings) instead of stopping")] = False,
@@ -50,13 +54,21 @@ def validate(
         decontam = DecontamConfig(ngram=ngram, min_coverage=min_coverage)
     except ValueError as e:
         fail_input(f"--ngram/--min-coverage: {e.errors()[0]['msg']}")  # type: ignore[attr-defined]
-    size = pairs.stat().st_size if pairs.is_file() else 0
+    if not 0 < gap_min_coverage <= 1:  # also refuses NaN
+        fail_input(f"--gap-min-coverage must be in (0, 1], got {gap_min_coverage:g}")
+    try:
+        size = pairs.stat().st_size if pairs.is_file() else 0
+    except OSError:
+        size = 0
     try:
         with progress_bar(f"validating {pairs.name}", size, enabled=err.is_terminal) as cb:
             verdict = validate_file(
-                pairs, eval_sets=list(eval or []), eval_field=eval_field, thresholds=thresholds,
-                score_scale=score_scale, decontam=decontam, skip_bad_rows=skip_bad_rows,
-                write_clean=write_clean, split=split, progress=cb)
+                pairs, eval_sets=list(eval or []), eval_field=eval_field,
+                benchmarks=list(benchmark or []), thresholds=thresholds,
+                score_scale=score_scale, gap_min_coverage=gap_min_coverage, decontam=decontam,
+                skip_bad_rows=skip_bad_rows, write_clean=write_clean, split=split, progress=cb)
+        if verdict.findings["preference_gap"]["scale_source"] == "declared":
+            verdict.findings["preference_gap"]["scale_declared_by"] = "--score-scale"
         if reward_model is not None:
             from ..reward import apply_reward_gap
 
@@ -66,6 +78,11 @@ def validate(
         fail_input(str(e))
     except (RealignError, ValueError) as e:
         fail_input(str(e))
+    except OSError as e:  # a path that cannot be read or written: bad input, not a crash
+        where = f"{e.filename}: " if e.filename else ""
+        fail_input(f"{where}{e.strerror or e}")
+    except RecursionError:
+        fail_input(f"{pairs}: input nested too deeply to process")
     emit(verdict, as_json)
 
 

@@ -9,12 +9,13 @@
 Atomic writes and digests come from :mod:`realign.fileio`.
 """
 
-from .layout import RunDir, metrics_log
+from .layout import CorruptVerdictError, RunDir, metrics_log
 from .lock import RunBusyError, RunLock, pid_alive, read_lock
 from .records import (
     RunState,
     RunStatus,
     StageStatus,
+    check_run_id,
     create_run,
     list_runs,
     load_run_config,
@@ -22,6 +23,6 @@ from .records import (
     write_status,
 )
 
-__all__ = ["RunBusyError", "RunDir", "RunLock", "RunState", "RunStatus", "StageStatus",
-           "create_run", "list_runs", "load_run_config", "metrics_log", "pid_alive",
+__all__ = ["CorruptVerdictError", "RunBusyError", "RunDir", "RunLock", "RunState", "RunStatus",
+           "StageStatus", "check_run_id", "create_run", "list_runs", "load_run_config", "metrics_log", "pid_alive",
            "read_lock", "run_status", "write_status"]

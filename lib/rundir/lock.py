@@ -50,7 +50,7 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 holder = read_lock(self.path.parent)
                 if holder and pid_alive(holder.get("pid")):

@@ -10,9 +10,11 @@ What runs (docs/evaluation-monitoring.md says the same):
   ``evaluation.n_boot`` resamples, the run's seed).
 * Gate ``capability_retention``: mean of R_b over the benchmarks whose retention is
   defined; 95% CI by :func:`realign.assessment.mean_retention_ci`. Gate ``worst_benchmark_retention``: the
-  lowest R_b, with that benchmark's CI. A benchmark with an undefined retention (its
-  baseline score is 0, or no per-item scores) is left out of both and named in the
-  detail; none defined, or no benchmarks configured → both gates ``unmeasured``.
+  lowest R_b, with that benchmark's CI. Both need every benchmark: one with an undefined
+  retention (missing from the baseline's or the policy's results, no per-item scores,
+  different items, or a baseline score of 0) makes both gates ``unmeasured``, with each
+  such benchmark and its reason in the detail (never a mean or minimum over the rest);
+  no benchmarks configured → both ``unmeasured``.
 * **Win rate.** Greedy responses (at most ``evaluation.max_new_tokens`` new tokens) of
   the policy and of the baseline (stage-1 model) to up to ``evaluation.win_rate_prompts``
   distinct held-out prompts (stage-2 ``heldout.jsonl``; prompts outside the KL probe
@@ -39,7 +41,9 @@ The gates are computed by :func:`realign.assessment.assess` (the same function r
 uses to re-assess earlier checkpoints); the verifier is :mod:`realign.verifiers`.
 
 Files: ``benchmarks.json`` (the policy's per-item results), ``winrate.jsonl`` (prompt,
-both responses, judge, rewards, judgement per prompt), ``verdict.json``.
+both responses, judge, rewards, judgement per prompt, and the baseline's generation
+settings, :func:`realign.assessment.baseline_cache_key`: rollback reuses the baseline's
+responses only when they match), ``verdict.json``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Runs :func:`realign.validation.validate_file` (gates ``min_pairs``, ``preference
 ``decontamination``, ``length_bias``) with ``--write-clean`` into the stage folder, then
 converts the usable pairs to TRL's conversational format and splits them into
 ``train.jsonl`` and ``heldout.jsonl`` (:func:`realign.rows.split_heldout`).
+
+Decontamination covers, without being told, every benchmark the run evaluates: the
+``sft.benchmarks`` suites (stage 1's baseline and stage 7's retention; every item, not
+only ``benchmark_limit``), plus the ``eval_sets`` files. Each hit names its set; a
+benchmark whose items cannot be loaded is named in the gate's detail and in a warning.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ def run(ctx: RunContext) -> StageVerdict:
 
     verdict = validate_file(
         cfg.data, eval_sets=list(cfg.eval_sets), eval_field=cfg.eval_field,
-        thresholds=ctx.thresholds, score_scale=cfg.score_scale,
+        benchmarks=list(cfg.sft.benchmarks), thresholds=ctx.thresholds,
+        score_scale=cfg.score_scale, gap_min_coverage=cfg.gap_min_coverage,
         skip_bad_rows=cfg.skip_bad_rows, write_clean=clean, split=cfg.data_split, progress=prog)
+    if verdict.findings["preference_gap"]["scale_source"] == "declared":
+        verdict.findings["preference_gap"]["scale_declared_by"] = "config score_scale"
     rows = [to_trl_row(r) for r in read_rows(clean)]
     if len(rows) >= 2:
         train, heldout = split_heldout(rows, fraction=cfg.heldout.fraction,
