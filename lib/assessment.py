@@ -111,8 +111,11 @@ def retention_gates(thresholds: Thresholds, before: Any, after: Any, *, n_boot: 
         why = (f"unmeasured: retention is undefined for {len(left_out)} of {len(table)} "
                "benchmark(s) (" + "; ".join(f"{n}: {w}" for n, w in left_out.items()) + ")"
                + measured + " — the gate needs every benchmark, not a subset")
-        return [thresholds.evaluate("capability_retention", None, detail=why),
-                thresholds.evaluate("worst_benchmark_retention", None, detail=why)], table
+        undefined = {"undefined_benchmarks": list(left_out)}
+        return [thresholds.evaluate("capability_retention", None, detail=why,
+                                    remedy_context=undefined),
+                thresholds.evaluate("worst_benchmark_retention", None, detail=why,
+                                    remedy_context=undefined)], table
     mean = sum(defined.values()) / len(defined)
     worst = min(defined, key=lambda k: defined[k])
     items = sum(table[n].n for n in defined)
@@ -120,11 +123,13 @@ def retention_gates(thresholds: Thresholds, before: Any, after: Any, *, n_boot: 
     gates = [
         thresholds.evaluate(
             "capability_retention", mean, ci95=mean_retention_ci(pairs, n_boot=n_boot, seed=seed),
+            remedy_context={"worst": worst},
             detail=f"mean of after ÷ before over {len(defined)} benchmark(s) "
                    f"({', '.join(f'{k} {v:.3f}' for k, v in defined.items())}), {items} items; "
                    f"paired bootstrap CI, {n_boot} resamples"),
         thresholds.evaluate(
             "worst_benchmark_retention", defined[worst], ci95=w.ci95,
+            remedy_context={"worst": worst},
             detail=f"{worst}: {w.after:.3f} after ÷ {w.before:.3f} before "
                    f"on {w.n} items ({w.metric})"),
     ]

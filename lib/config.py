@@ -430,8 +430,8 @@ class KLMonitorConfig(_Strict):
 
     every: int = Field(
         20, ge=1,
-        description="Measure KL every N optimizer steps (≥ 1), and at the last step; step "
-                    "0 is stage 3's initial_kl. Each check costs two policy forward passes "
+        description="Measure KL every N optimizer steps (≥ 1), at step 0 (the policy "
+                    "stage 5 starts from) and at the last step. Each check costs two policy forward passes "
                     "over the probe. Default: 20.")
     probe_size: int = Field(
         16, ge=1,

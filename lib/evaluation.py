@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -138,18 +139,117 @@ def _require_lm_eval() -> Any:
     return lm_eval
 
 
+def _quiet_git_commit_hash() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` without its stray output: it runs ``git describe``
+    with stderr inherited, which prints "fatal: not a git repository" into realign's
+    output wherever the working directory is not a git checkout."""
+    import os
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True,  # noqa: S607
+                             text=True, timeout=10, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from lm_eval.loggers.utils import get_commit_from_path
+
+        return get_commit_from_path(os.getcwd())
+    except Exception:  # noqa: BLE001 - provenance only
+        return None
+
+
+def _silent_tqdm(real: Any) -> Any:
+    """``real`` (tqdm or trange) with its bar disabled, whatever the caller asks."""
+    def make(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return real(*args, **kwargs)
+
+    make.__wrapped__ = real  # type: ignore[attr-defined]
+    return make
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET_DEPTH = [0]
+_QUIET_SAVED: list[tuple[Any, str, Any]] = []
+
+
+def _silence_lm_eval_modules() -> list[tuple[Any, str, Any]]:
+    """Replace, in every loaded ``lm_eval`` module, the tqdm progress bars and the git
+    call that writes to stderr; return what to put back."""
+    import sys
+
+    try:
+        import tqdm as _tqdm
+        bars = {_tqdm.tqdm, _tqdm.trange}
+        try:
+            import tqdm.auto as _auto
+            bars |= {_auto.tqdm, _auto.trange}
+        except ImportError:  # pragma: no cover
+            pass
+    except ImportError:  # pragma: no cover - lm-eval depends on tqdm
+        bars = set()
+    import importlib
+
+    for module in ("lm_eval.evaluator", "lm_eval.api.task", "lm_eval.api.model",
+                   "lm_eval.api.metrics", "lm_eval.models.huggingface"):
+        try:  # loaded now, so that they are patched before simple_evaluate runs them
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - a module this lm-eval version lacks
+            continue
+    saved: list[tuple[Any, str, Any]] = []
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not (name == "lm_eval" or name.startswith("lm_eval.")):
+            continue
+        for attr in ("tqdm", "trange"):
+            real = getattr(mod, attr, None)
+            if real is not None and real in bars:
+                saved.append((mod, attr, real))
+                setattr(mod, attr, _silent_tqdm(real))
+        if getattr(mod, "get_git_commit_hash", None) is not None and name != "lm_eval.loggers.utils":
+            saved.append((mod, "get_git_commit_hash", mod.get_git_commit_hash))
+            mod.get_git_commit_hash = _quiet_git_commit_hash
+    return saved
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval(verbose: bool) -> Iterator[None]:
-    """lm-eval logs every task config at INFO/WARNING; keep our output readable."""
+    """lm-eval's own output stays out of realign's: its INFO/WARNING logs (every task
+    config), its tqdm progress bars (realign shows one progress display per stage) and
+    the "fatal: not a git repository" line of its ``git describe`` call, plus the
+    ``datasets`` progress bars of the suites it loads. ``verbose`` leaves everything on.
+    Nested and concurrent uses are counted: the last one out restores."""
     if verbose:
         yield
         return
     logger = logging.getLogger("lm_eval")
     old = logger.level
     logger.setLevel(logging.ERROR)
+    bars_were_on = None
+    try:
+        from datasets.utils import logging as ds_logging
+
+        bars_were_on = ds_logging.is_progress_bar_enabled()
+        ds_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - lm-eval depends on datasets
+        ds_logging = None
+    with _QUIET_LOCK:
+        if _QUIET_DEPTH[0] == 0:
+            _QUIET_SAVED[:] = _silence_lm_eval_modules()
+        _QUIET_DEPTH[0] += 1
     try:
         yield
     finally:
+        with _QUIET_LOCK:
+            _QUIET_DEPTH[0] -= 1
+            if _QUIET_DEPTH[0] == 0:
+                for mod, attr, real in reversed(_QUIET_SAVED):
+                    setattr(mod, attr, real)
+                _QUIET_SAVED.clear()
+        if ds_logging is not None and bars_were_on:
+            ds_logging.enable_progress_bar()
         logger.setLevel(old)
 
 

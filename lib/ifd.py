@@ -3,8 +3,8 @@
 IFD(Q, A) = PPL(A | Q) ÷ PPL(A), with a causal LM:
 
 * PPL(A | Q) = exp(−(1/T) Σ_t log p(a_t | Q, a_<t)): the answer's tokens after the
-  instruction, rendered as the model is chatted with (the backend's
-  :func:`realign.backends.trl.encode_pair`: chat template with the user turn Q and the
+  instruction, rendered as the model is chatted with (every backend's
+  :func:`realign.backends.encoding.encode_pair`: chat template with the user turn Q and the
   generation prompt, then the assistant turn A);
 * PPL(A) = exp(−(1/T) Σ_t log p(a_t | C₀, a_<t)): the **same T answer tokens** after a
   context C₀ holding no instruction. With a chat template C₀ is the template applied to
@@ -19,7 +19,8 @@ IFD < 1: the instruction makes the answer easier to predict (the usual case); IF
 the instruction does not help, which Li et al. read as a misaligned pair (their data
 selection drops IFD > 1, then keeps the highest IFD: the hardest answers that still
 follow from their instruction). Both encodings go through the backend's log-prob
-function in one batched call (:meth:`realign.backends.trl.TRLBackend.completion_logprobs`).
+function in one batched call (:meth:`realign.backends.trl.TRLBackend.completion_logprobs`,
+or :meth:`realign.backends.mlx.MLXBackend.completion_logprobs` with ``backend="mlx"``).
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def unconditional_context(tokenizer: Any) -> list[int]:
 
 
 def encode_ifd(tokenizer: Any, prompt: Any, answer: Any, max_length: int = DEFAULT_MAX_LENGTH) -> tuple[Any, Any]:
-    """(conditional, unconditional) :class:`realign.backends.trl.Encoded` of one example,
-    scoring the same answer tokens (at most ``max_length − 1`` of them)."""
-    from .backends.trl import Encoded, encode_pair
+    """(conditional, unconditional) :class:`realign.backends.encoding.Encoded` of one
+    example, scoring the same answer tokens (at most ``max_length − 1`` of them)."""
+    from .backends.encoding import Encoded, encode_pair
 
     cond = encode_pair(tokenizer, prompt, answer, max_length)
     ans = cond.input_ids[cond.start:]
@@ -176,19 +177,29 @@ def ifd_scores(handle: Any, prompts: Sequence[Any], answers: Sequence[Any], *, b
     return out
 
 
+def _backend_and_handle(model: Any, backend: Any, device: str | None) -> tuple[Any, Any]:
+    """(backend instance, loaded handle): ``backend`` is a name (``realign.backends.get_backend``)
+    or an instance; ``model`` a handle of that backend (anything with ``.model`` and
+    ``.tokenizer``) or something its ``load`` takes."""
+    from .backends import get_backend
+
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    if hasattr(model, "model") and hasattr(model, "tokenizer"):
+        return be, model
+    return be, be.load(model, device=device)
+
+
 def calculate_ifd_score(model: Any, instructions: str | Sequence[Any], responses: str | Sequence[Any],
-                        *, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, device: str | None = None
-                        ) -> float | None | list[float | None]:
+                        *, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, device: str | None = None,
+                        backend: Any = "trl") -> float | None | list[float | None]:
     """IFD(Q, A) = PPL(A | Q) ÷ PPL(A) (Li et al. 2023) of one example or a list of them.
 
-    ``model``: a backend ``ModelHandle``, or a model path / ``"default"`` (loaded with the
-    TRL backend). ``instructions``/``responses``: strings or message lists; one of each
-    gives one float, sequences give a list in input order. None: empty answer.
+    ``model``: a backend's model handle, or a model path / ``"default"`` (loaded with
+    ``backend``: ``"trl"``, ``"mlx"``, ``"auto"`` or a backend instance).
+    ``instructions``/``responses``: strings or message lists; one of each gives one float,
+    sequences give a list in input order. None: empty answer.
     """
-    from .backends.trl import ModelHandle, TRLBackend
-
-    backend = TRLBackend()
-    handle = model if isinstance(model, ModelHandle) else backend.load(model, device=device)
+    backend, handle = _backend_and_handle(model, backend, device)
     single = isinstance(responses, str) or (
         isinstance(responses, list) and responses and isinstance(responses[0], dict))
     qs = [instructions] if single else list(instructions)  # type: ignore[list-item]
@@ -353,25 +364,25 @@ class IFDFileResult(BaseModel):
 
 def ifd_of_file(path: str | Path, model: Any = "default", *, limit: int | None = None,
                 batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, device: str | None = None,
-                progress: Callable[[int, int], None] | None = None) -> IFDFileResult:
+                progress: Callable[[int, int], None] | None = None, backend: Any = "trl") -> IFDFileResult:
     """IFD(Q, A) = PPL(A | Q) ÷ PPL(A) of the first ``limit`` (default: all) examples of a file.
 
     Rows are read by :func:`read_examples` (SFT or preference shapes; line numbers as
-    there), scored by :func:`ifd_scores` with the model loaded by the TRL backend (a
-    folder, ``"default"`` or a hub id; or a loaded ``ModelHandle``) and summarized by
-    :func:`ifd_report`. ``progress(done, total)`` counts scored examples.
+    there), scored by :func:`ifd_scores` with the model loaded by ``backend`` (``"trl"``,
+    ``"mlx"``, ``"auto"`` or an instance; the model a folder, ``"default"`` or a hub id, or
+    a loaded handle) and summarized by :func:`ifd_report`. ``progress(done, total)``
+    counts scored examples.
     """
-    from .backends.trl import ModelHandle, TRLBackend
-    from .backends.trl_train import quiet_hf
-
     if limit is not None and limit < 1:
         raise InputError(f"limit must be ≥ 1, got {limit}", field="limit")
     examples = read_examples(path)[0][:limit]
     if not examples:
         raise InputError("no examples", file=path)
-    quiet_hf()
-    backend = TRLBackend()
-    handle = model if isinstance(model, ModelHandle) else backend.load(model, device=device)
+    if getattr(backend, "name", backend) in ("trl", "torch", "pytorch"):
+        from .backends.trl_train import quiet_hf
+
+        quiet_hf()
+    backend, handle = _backend_and_handle(model, backend, device)
     res = ifd_scores(handle, [e.prompt for e in examples], [e.answer for e in examples],
                      batch_size=batch_size, max_length=max_length, backend=backend,
                      progress=progress)

@@ -39,7 +39,7 @@ from pathlib import Path
 from .config import RunConfig
 from .distributed import barrier, is_main_process
 from .errors import InputError
-from .gates import RunState, StageVerdict, Thresholds
+from .gates import RunState, StageVerdict, Thresholds, remedy_context_from_config
 from .report import write_report
 from .rollback import rollback
 from .rundir import (
@@ -112,7 +112,8 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
     rd = RunDir(run_dir)
     config = load_run_config(rd.path)
     todo = [s for s in STAGES if s in (stages or config.stages)]
-    thresholds = Thresholds(preset=config.preset, overrides=config.thresholds)
+    thresholds = Thresholds(preset=config.preset, overrides=config.thresholds).with_context(
+        **remedy_context_from_config(config, rd.path))
     main = is_main_process()
 
     # Under a multi-process launch every rank runs the stages (DDP needs them all);
@@ -159,6 +160,7 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                 barrier()
                 write_status(rd.path, current_stage=name, progress={})
                 inputs = rd.input_digests(name)
+                ctx.thresholds = thresholds.with_context(**_stage_remedy_context(rd, name))
                 verdict = stage_function(name)(ctx)
                 verdict.inputs = inputs
                 verdict.warnings.extend(notes)
@@ -190,6 +192,21 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
         write_status(rd.path, state=state, current_stage=None, message=message)
         _write_report(rd.path)
     return run_status(rd.path)
+
+
+def _stage_remedy_context(rd: RunDir, name: str) -> dict[str, str]:
+    """What a stage's remedies name beyond the config: for stage 7, the first model
+    ``realign rollback`` would try (:func:`realign.rollback.rollback_candidates`)."""
+    if name != "evaluation":
+        return {}
+    from .rollback import rollback_candidates
+
+    try:
+        first = rollback_candidates(rd.path)[0]
+    except Exception:  # noqa: BLE001 - a remedy detail never fails a run
+        return {}
+    return {"candidate": "the stage-1 baseline" if first.source == "baseline"
+            else f"{first.name}, {first.path}"}
 
 
 def final_state(verdicts: Sequence[StageVerdict | None], allowed: Sequence[str] = ()

@@ -9,8 +9,8 @@ stage's ``verdict.json``, stage 5's ``metrics.jsonl``, stage 4's ``metrics.jsonl
 Contents: the run state (``passed_with_failures`` names the failed gates the config
 allows; a stale or unreadable stage verdict is marked with why); the decision (stage 7
 deploy/reject with its reasons) and the deployed model;
-a gate table per stage that ran (value, threshold, status, CI, detail) with its
-warnings; plots over training steps of the DPO loss, KL(π‖π_ref) per token at each KL
+a gate table per stage that ran (value, threshold, status, CI, detail, and the remedy of
+a failed or unmeasured gate) with its warnings; plots over training steps of the DPO loss, KL(π‖π_ref) per token at each KL
 check (with the gate threshold), reward margins (TRL's per-batch ``rewards/margins``
 and the held-out margin of each check) and reward accuracies (per batch and held-out);
 retention per benchmark with its 95% CI and the two retention thresholds; the rollback
@@ -284,7 +284,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                 "threshold": _fmt(g.threshold), "status": g.status, "detail": g.detail,
                 "ci95": f"{_fmt(g.ci95[0])} – {_fmt(g.ci95[1])}" if g.ci95 else "",
                 "overridden": g.overridden, "description": GATE_SPECS[g.name].description
-                if g.name in GATE_SPECS else "",
+                if g.name in GATE_SPECS else "", "remedy": g.remedy or "",
             })
         stages.append({"number": s.number, "name": s.name, "status": s.status, "gates": gates,
                        "note": s.note, "warnings": list(v.warnings) if v else [],

@@ -440,7 +440,9 @@ def gap_on_file(path: str | Path, reward_model: str | Path, *, thresholds: Any =
               f"{len(g.negative)} pairs with a negative gap")
     if g.n == 0:
         detail = "unmeasured: no usable pair to score"
-    gate = thresholds.evaluate("preference_gap", g.gap, ci95=g.ci95, detail=detail)
+    gate = thresholds.evaluate("preference_gap", g.gap, ci95=g.ci95, detail=detail,
+                               remedy_context={"data": str(path), "negative_lines": g.negative,
+                                               "negative_source": "the data's"})
     accuracy = pair_accuracy(rc, rr)
     findings: dict[str, Any] = {
         "reward_model": str(reward_model), "scored_pairs": g.n, "gap": g.gap, "ci95": g.ci95,

@@ -19,8 +19,10 @@
    every gate is restored. When none does, the baseline is restored; its benchmarks are
    re-run too, so the record shows its measured retention.
 
-3. **Restoring** points ``deployed_model.json`` in the run directory at the model's
-   folder (the previous pointer is kept as ``deployed_model.<n>.json``). ``rollback.json``
+3. **Restoring** writes the restored model's card (:mod:`realign.model_card`:
+   ``README.md`` in its folder when that lies in the run directory, else
+   ``<run>/model_card.md``), then points ``deployed_model.json`` in the run directory at
+   the model's folder (the previous pointer is kept as ``deployed_model.<n>.json``). ``rollback.json``
    records the trigger, the regression's reasons, every candidate with its gates and
    what was restored (an earlier ``rollback.json`` is kept as ``rollback.<n>.json``).
    Candidate results go to ``rollback/<candidate>/``. Nothing is deleted.
@@ -35,9 +37,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from . import assessment
+from .backends.trl_train import checkpoint_step, complete_checkpoints
 from .errors import InputError
 from .fileio import keep_old, write_json_atomic
-from .gates import GateResult, StageVerdict, Thresholds
+from .gates import GateResult, StageVerdict, Thresholds, remedy_context_from_config
 from .rundir import RunDir, RunLock, load_run_config
 from .stages.context import ProgressFn, RunContext
 
@@ -76,10 +79,9 @@ class RollbackResult(BaseModel):
     restored: Candidate | None
     deployed_model: dict[str, Any] | None
     summary: str
-
-
-def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    model_card: str | None = Field(
+        None, description="the restored model's card: README.md in its folder when that is "
+                          "in the run directory, else <run>/model_card.md")
 
 
 def rollback_candidates(run_dir: str | Path) -> list[Candidate]:
@@ -96,12 +98,9 @@ def rollback_candidates(run_dir: str | Path) -> list[Candidate]:
         passed = {int(c["step"]): c for c in checks if c.get("passed")}
         root = RunDir(run_dir).stage_dir("dpo") / "checkpoints"
         found = []
-        for d in root.glob("checkpoint-*") if root.is_dir() else []:
-            try:
-                step = int(d.name.rsplit("-", 1)[1])
-            except ValueError:
-                continue
-            if step in passed and step != selected and _has_weights(d):
+        for d in complete_checkpoints(root) if root.is_dir() else []:  # never a cut-short save
+            step = checkpoint_step(d)
+            if step in passed and step != selected:
                 c = passed[step]
                 found.append(Candidate(name=f"dpo-step-{step}", path=str(d), source="dpo_checkpoint",
                                        step=step, kl=c.get("kl"), heldout_margin=c.get("heldout_margin")))
@@ -131,7 +130,8 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    thresholds = Thresholds(preset=config.preset, overrides=config.thresholds)
+    thresholds = Thresholds(preset=config.preset, overrides=config.thresholds).with_context(
+        **remedy_context_from_config(config, run_dir))
     ctx = RunContext(config=config, run_dir=run_dir, thresholds=thresholds,
                      progress=progress or (lambda d, t, m: None))
     if verdict is None:
@@ -175,11 +175,6 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
             if a.passed:
                 restored = cand
                 break
-        deployed = None
-        if restored is not None:
-            gates = evaluated[-1].gates
-            deployed = ctx.rundir.write_deployed(restored.path, source=restored.name,
-                                                 decided_by=f"rollback ({trigger})", gates=gates)
         rejected = verdict.findings.get("evaluated_model")
         if restored is None:
             summary = "rollback: no candidate could be restored"
@@ -195,10 +190,33 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
             time=_dt.datetime.now(_dt.timezone.utc).isoformat(),
             regression=list(verdict.findings.get("reasons") or []),
             rejected_model=str(rejected) if rejected else None,
-            evaluated=evaluated, restored=restored, deployed_model=deployed, summary=summary)
+            evaluated=evaluated, restored=restored, deployed_model=None, summary=summary)
+        if restored is not None:
+            # the card first, so that the deploy record's digest covers it
+            result.model_card, warning = _model_card(run_dir, restored, trigger, verdict, result)
+            if warning:
+                result.summary += f"; {warning}"
+            result.deployed_model = ctx.rundir.write_deployed(
+                restored.path, source=restored.name, decided_by=f"rollback ({trigger})",
+                gates=evaluated[-1].gates)
         keep_old(ctx.rundir.rollback_json)
         write_json_atomic(ctx.rundir.rollback_json, result)
     return result
+
+
+def _model_card(run_dir: Path, restored: Candidate, trigger: str, verdict: StageVerdict,
+                result: RollbackResult) -> tuple[str | None, str | None]:
+    """Write the restored model's card (:func:`realign.model_card.write_model_card`):
+    (its path, None), or (None, why not): a card never fails a rollback."""
+    from .model_card import write_model_card
+
+    try:
+        path = write_model_card(run_dir, model=restored.path, source=restored.name,
+                                decided_by=f"rollback ({trigger})", evaluation=verdict,
+                                rollback=result.model_dump(mode="json"))
+        return str(path), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"model card not written: {type(e).__name__}: {e}"
 
 
 def deployed_model(run_dir: str | Path) -> dict[str, Any] | None:

@@ -389,6 +389,7 @@ def validate_file(
     scores = RunningDiff()
     s_lo, s_hi = np.inf, -np.inf
     scored = 0
+    negative: list[int] = []  # lines whose chosen is scored below rejected
     done = 0
     try:
         for a in _prefetch(source.blocks(), index):
@@ -441,6 +442,7 @@ def validate_file(
             if has.any():
                 scored += int(has.sum())
                 scores.update(a.score_c[has] - a.score_r[has])
+                negative.extend(lines[has & (a.score_c < a.score_r)].tolist())
             if writer:
                 writer.write(block, keep)
             done += block.bytes_read
@@ -456,16 +458,23 @@ def validate_file(
     gates = [thresholds.evaluate(
         "min_pairs", float(usable),
         detail=f"{usable} usable of {parsed + len(findings['malformed'])} rows")]
-    gap_gate, gap_findings = _gap_gate(thresholds, scores, usable, scored, scale, score_scale,
-                                       s_lo, s_hi, min_cov, source.has_scores)
+    # what the remedies name: the data, the lines to drop, the sets not checked
+    remedy = {"data": str(path), "negative_lines": negative, "negative_source": "the data's",
+              "contaminated_lines": findings["contaminated"],
+              "unchecked": list(unchecked), "coverage": min_cov}
+    gap_gate, gap_findings = _gap_gate(thresholds.with_context(**remedy), scores, usable, scored,
+                                       scale, score_scale, s_lo, s_hi, min_cov,
+                                       source.has_scores)
+    gap_findings["negative_lines"] = negative
     gates.append(gap_gate)
     decon_gate, decon_findings, warnings = _decontamination_gate(
-        thresholds, index, sets, n_files, unchecked, by_set, contaminated, parsed)
+        thresholds.with_context(**remedy), index, sets, n_files, unchecked, by_set,
+        contaminated, parsed)
     gates.append(decon_gate)
 
     lb = length_bias(lengths)
     gates.append(thresholds.evaluate(
-        "length_bias", lb.chosen_longer_share,
+        "length_bias", lb.chosen_longer_share, remedy_context={"pairs": lb.pairs},
         detail=("unmeasured: no usable pairs" if lb.pairs == 0 else
                 f"chosen has more words in {lb.chosen_longer_share:.1%} of {lb.pairs} pairs; "
                 f"mean word difference {lb.mean_word_diff:+.1f}, effect size d_z "

@@ -77,6 +77,17 @@ def _tool_for(command: str, rest: str) -> str | None:
     words = rest.split()
     if command == "validate" and "--reward-model" in words:
         return "`score_preference_gap`"
+    if command == "validate" and "--write-clean" in words:
+        return "`clean_preference_data`" + (" with eval_sets" if "--eval" in words else "")
+    if command == "validate" and "--eval" in words:
+        return "`validate_preference_data` with eval_sets"
+    if command == "init" and "--calibrate" in words:
+        return "`create_run_config` with calibrate: true"
+    if command == "eval" and "--list" in words:
+        return "`list_suites`"
+    if command == "run" and any("=" in w for w in words):
+        sets = [w for w in words if "=" in w and not w.startswith("-")]
+        return f"`start_pipeline` with overrides {sets!r}"
     if command == "stage" and words and not words[0].startswith("-"):
         return f"`run_stage` with stage '{words[0]}'"
     tool = CLI_TOOLS.get(command)
@@ -96,6 +107,33 @@ def for_mcp(text: str) -> str:
         return _tool_for(m.group(2), m.group(3)) or m.group(0)
 
     return _BARE_RE.sub(bare, _QUOTED.sub(quoted, text))
+
+
+def remedies_for_mcp(result: T) -> T:
+    """``result`` with the remedy of every gate result in it (at any depth of pydantic
+    models, lists and dicts) in MCP wording (:func:`for_mcp`). Changes ``result`` in
+    place and returns it."""
+    from pydantic import BaseModel
+    from realign.gates import GateResult
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, GateResult):
+            if obj.remedy:
+                obj.remedy = for_mcp(obj.remedy)
+        elif isinstance(obj, BaseModel):
+            for name in type(obj).model_fields:
+                walk(getattr(obj, name, None))
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                if isinstance(x, (BaseModel, list, tuple, dict)):
+                    walk(x)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                if isinstance(x, (BaseModel, list, tuple, dict)):
+                    walk(x)
+
+    walk(result)
+    return result
 
 
 # ------------------------------------------------------------------ errors

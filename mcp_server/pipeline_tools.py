@@ -1,6 +1,8 @@
-"""Pipeline tools: start/poll, blocking runs with progress, status, listing, rollback, report.
+"""Pipeline tools: a run config, start/poll, blocking runs with progress, status, listing,
+rollback, report.
 
-Thin wrappers over :mod:`realign.pipeline` (``create_run``, ``run_stages``, ``resume``,
+Thin wrappers over :func:`realign.init_config.write_run_config` (``create_run_config``),
+:mod:`realign.pipeline` (``create_run``, ``run_stages``, ``resume``,
 ``run_status``, ``list_runs``), :func:`realign.rollback.rollback` and
 :func:`realign.report.write_report`. ``run_stage`` accepts every stage of
 :data:`realign.config.STAGES`. The run directory is the record: ``run_status`` reads
@@ -44,6 +46,9 @@ ROLLBACK = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempot
 #: the report files are rewritten from the run directory: same input, same files.
 REPORT = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
                          open_world_hint=False)
+#: create_run_config writes one file (an existing one only with force).
+WRITES_CONFIG = ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                idempotent_hint=False, open_world_hint=False)
 #: cancel stops a job; the run keeps every finished stage and checkpoint (resume_run).
 CANCEL = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                          open_world_hint=False)
@@ -51,6 +56,10 @@ CANCEL = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempoten
 ConfigArg = Annotated[str, Field(description="YAML run config (see templates.md)")]
 RunArg = Annotated[str, Field(description="run id (a folder of the runs directory) or a run "
                                           "directory path")]
+OverridesListArg = Annotated[list[str], Field(
+    description="config values KEY=VALUE (e.g. \"dpo.learning_rate=2.5e-06\", "
+                "\"stages=[preference_data]\"), checked by the run config's schema; a run "
+                "records the config it ran with in run.json")]
 RunIdArg = Annotated[str | None, Field(
     description="name of the run folder: one folder name of letters, digits, '.', '_' and "
                 "'-', starting with a letter or digit (default: the config's run_id or a "
@@ -63,6 +72,20 @@ class ReportFiles(BaseModel):
     html: str
     markdown: str
     markdown_text: str = Field(description="the content of report.md")
+
+
+class RunConfigFile(BaseModel):
+    """The run config create_run_config wrote."""
+
+    path: str
+    text: str = Field(description="the YAML as written, with a comment on every field")
+    batch_size: int = Field(description="dpo.batch_size written")
+    gradient_accumulation_steps: int = Field(description="dpo.gradient_accumulation_steps")
+    batch_source: str = Field(description="calibrated, cached calibration or default")
+    batch_note: str
+    hardware: str = Field(description="this machine, in one line")
+    notes: list[str] = Field(default_factory=list, description="what to check or change")
+    next: str = Field(description="the call that runs the config")
 
 
 class JobInfo(BaseModel):
@@ -153,12 +176,14 @@ class PipelineTools:
         self.confine(cfg, "run.json config")
         return d
 
-    def load(self, config_path: str, run_id: str | None) -> tuple[RunConfig, Path | None]:
-        """Load the config; confine every path it names; put runs in the runs directory.
-        Returns the config and the new run's folder (None: a timestamp id, chosen later)."""
+    def load(self, config_path: str, run_id: str | None,
+             overrides: list[str] | None = None) -> tuple[RunConfig, Path | None]:
+        """Load the config (with ``KEY=VALUE`` overrides); confine every path it names; put
+        runs in the runs directory. Returns the config and the new run's folder (None: a
+        timestamp id, chosen later)."""
         cfg_file = self.path(config_path, "config_path")
         try:
-            cfg = load_config(cfg_file)
+            cfg = load_config(cfg_file, overrides=list(overrides or []) or None)
         except Exception as e:  # noqa: BLE001
             raise tool_error(e) from e
         self.confine(cfg, "config")
@@ -204,8 +229,9 @@ class PipelineTools:
 def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
     """Add the pipeline tools to ``mcp``; return their names."""
 
-    async def create(config_path: str, run_id: str | None) -> Path:
-        cfg, _ = tools.load(config_path, run_id)
+    async def create(config_path: str, run_id: str | None,
+                     overrides: list[str] | None = None) -> Path:
+        cfg, _ = tools.load(config_path, run_id, overrides)
         await run_blocking(pipeline.preflight, cfg, source=config_path)
         return await run_blocking(pipeline.create_run, cfg)
 
@@ -233,21 +259,24 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
         return tools.report(run_dir)
 
     @mcp.tool(annotations=RUNS)
-    async def start_pipeline(config_path: ConfigArg, run_id: RunIdArg = None) -> RunReport:
+    async def start_pipeline(config_path: ConfigArg, run_id: RunIdArg = None,
+                             overrides: OverridesListArg = []) -> RunReport:  # noqa: B006
         """Create a run from a config and start every configured stage in the background.
 
         Returns at once with the run id; poll run_status(run_id) for the current stage,
         progress and each stage's verdict; cancel_run stops it. Stages run in order with
         their gates enforced: a failed gate stops the run (state 'failed') unless the
-        config's allow_gate_failures lists it. One job at a time per run directory.
+        config's allow_gate_failures lists it; each failed or unmeasured gate carries a
+        `remedy` (the next step, with values). One job at a time per run directory.
         """
-        return background(await create(config_path, run_id), "run")
+        return background(await create(config_path, run_id, overrides), "run")
 
     @mcp.tool(annotations=RUNS)
     async def run_pipeline(
         config_path: ConfigArg,
         ctx: Context,
         run_id: RunIdArg = None,
+        overrides: OverridesListArg = [],  # noqa: B006
     ) -> RunReport:
         """Create a run and run every configured stage, waiting for the end.
 
@@ -255,7 +284,63 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
         client's request timeout: prefer start_pipeline + run_status for those. If the
         connection drops the run continues; run_status shows it.
         """
-        return await blocking(ctx, await create(config_path, run_id), "run")
+        return await blocking(ctx, await create(config_path, run_id, overrides), "run")
+
+    @mcp.tool(annotations=WRITES_CONFIG)
+    async def create_run_config(
+        output: Annotated[str, Field(description="the YAML file to write, e.g. run.yaml")],
+        ctx: Context,
+        model: Annotated[str, Field(description="starting model: 'default' "
+                                                "(SmolLM2-135M-Instruct, offline), a model "
+                                                "folder or a hub id")] = "default",
+        data: Annotated[str | None, Field(description="preference pairs (a file, a saved "
+                                                      "dataset or a hub id); null: a "
+                                                      "placeholder to replace")] = None,
+        preset: Literal["relaxed", "standard", "strict"] = "standard",
+        overrides: OverridesListArg = [],  # noqa: B006
+        force: Annotated[bool, Field(description="overwrite an existing file")] = False,
+        calibrate: Annotated[bool, Field(description="measure the DPO batch size on this "
+                                                     "machine now (a quick sweep, minutes, "
+                                                     "with progress); default: a cached "
+                                                     "calibration, else the default")] = False,
+    ) -> RunConfigFile:
+        """Write a commented run config (as `realign init`): every field with its meaning,
+        range and default, this machine's DPO batch size, checked by the run config's schema.
+
+        overrides set any field (KEY=VALUE, e.g. "stages=[preference_data]",
+        "eval_sets=[eval.jsonl]", "dpo.learning_rate=2.5e-06"): use them to apply a gate's
+        remedy. Every path (output, data, model, eval sets) must lie inside the server's
+        roots. Returns the path, the YAML and next: the start_pipeline call that runs it.
+        """
+        from realign.init_config import write_run_config
+
+        out = tools.path(output, "output")
+        src: Path | str | None = data
+        if data is not None and (Path(data).exists() or data.startswith(("/", ".", "~"))
+                                 or data.endswith((".jsonl", ".json", ".parquet"))):
+            src = tools.path(data, "data")  # a local file (a hub id stays as given)
+        mdl = model
+        if model != "default" and (Path(model).exists() or model.startswith(("/", ".", "~"))):
+            mdl = str(tools.path(model, "model"))
+
+        def check(cfg: RunConfig) -> None:
+            tools.confine(cfg, "config")
+            if cfg.output_dir != "runs":
+                tools.path(cfg.output_dir, "config output_dir")
+
+        def write(progress: Any = None) -> Any:
+            say = (lambda msg: progress(0, None, msg)) if progress is not None else None
+            return write_run_config(out, model=mdl, data=None if src is None else str(src),
+                                    preset=preset, overrides=list(overrides), force=force,
+                                    calibrate=calibrate, progress=say, check=check)
+
+        res = await run_blocking(write, ctx=ctx, progress_kw="progress")
+        return RunConfigFile(
+            path=res.path, text=res.text, batch_size=res.batch.batch_size,
+            gradient_accumulation_steps=res.batch.gradient_accumulation_steps,
+            batch_source=res.batch.source, batch_note=for_mcp(res.batch.note),
+            hardware=res.batch.hardware, notes=[for_mcp(n) for n in res.notes],
+            next=f"start_pipeline(config_path={res.path!r})")
 
     @mcp.tool(annotations=RUNS)
     async def resume_run(run: RunArg) -> RunReport:
@@ -388,5 +473,5 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
                 await anyio.sleep(0.05)
         return await anyio.to_thread.run_sync(tools.report, d)
 
-    return ["start_pipeline", "run_pipeline", "resume_run", "run_stage", "run_status", "list_runs",
-            "cancel_run", "rollback", "generate_report"]
+    return ["create_run_config", "start_pipeline", "run_pipeline", "resume_run", "run_stage",
+            "run_status", "list_runs", "cancel_run", "rollback", "generate_report"]

@@ -43,17 +43,21 @@ def register(mcp: MCPServer, tool_names: set[str]) -> None:
         else:
             steps.append("4. Without evaluation sets the decontamination gate is unmeasured: "
                          "ask the user which benchmarks the model will be evaluated on.")
+        over = f", overrides=['eval_sets=[{','.join(evals)}]']" if evals else ""
         steps += [
-            "5. Write a run config (templates.md has the full example) with at least "
-            f"`model: {model}`, `data: {dataset}`, `preset: {preset}`"
-            + (f", `eval_sets: {evals}`" if evals else "") + ".",
-            f"6. Call start_pipeline(config_path=...). Stages, in order: {stages}. "
+            f"5. Call create_run_config(output='run.yaml', model='{model}', "
+            f"data='{dataset}', preset='{preset}'{over}): it writes a commented run config "
+            "with this machine's DPO batch size (read its notes) and returns the "
+            "start_pipeline call that runs it.",
+            f"6. Call start_pipeline(config_path='run.yaml'). Stages, in order: {stages}. "
             "It returns a run id at once.",
             "7. Poll run_status(run=<id>) every minute or so; report the current stage and "
             "progress. Each finished stage's verdict is also the resource "
             "realign://runs/<id>/stages/<k>-<name>/verdict.json.",
-            "8. On state 'failed', show the failing gate (value, op, threshold, detail), "
-            "explain it using the stage doc, and propose a fix; on 'error', show the message "
+            "8. On state 'failed', show the failing gate (value, op, threshold, detail) and "
+            "its remedy (the next step, with values), explain it using the stage doc, and "
+            "apply the remedy: a config change is a new config (create_run_config with "
+            "overrides) or start_pipeline(config_path, overrides=[...]); on 'error', show the message "
             "(it names the file, field or stage to fix) and fix that first; on 'interrupted' "
             "or 'cancelled', call resume_run(run=<id>). On 'passed', summarise every gate. "
             "To stop a running job (a wrong config, a change of plan), call "

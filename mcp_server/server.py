@@ -46,7 +46,7 @@ from . import (
     training_tools,
     validators,
 )
-from ._util import describe, for_mcp
+from ._util import describe, for_mcp, remedies_for_mcp
 from .paths import PathPolicy, RunDirs
 from .skills import ServedSkill, SkillsExtension, realign_skill
 
@@ -60,13 +60,14 @@ INSTRUCTIONS = """\
 realign: DPO realignment with a measured quality gate after every stage.
 Read the skill first: skill://realign-dpo-workflow/SKILL.md (resources/read; skills/list
 gives its manifest). Validate preference data with validate_preference_data and
-check_decontamination; get_thresholds shows every gate. Run the pipeline with
-start_pipeline (returns a run id at once) and poll run_status; verdicts are also
+check_decontamination; get_thresholds shows every gate. create_run_config writes a
+commented run config for this machine. Run the pipeline with start_pipeline (returns a
+run id at once) and poll run_status; verdicts are also
 resources realign://runs/<id>/stages/<k>-<name>/verdict.json. After a failed stage 7,
 rollback restores the best passing model; generate_report writes the run report.
 cancel_run stops a running job (resume_run continues the run later).
-A failed gate is a result to act on, not an error; tool errors name the file, line
-and field to fix."""
+A failed gate is a result to act on, not an error: its remedy says what to do, with
+values; tool errors name the file, line and field to fix."""
 
 
 class RealignMCP(MCPServer):
@@ -136,7 +137,24 @@ def build_server(
     prompts.register(mcp, set(names))
     _clean_descriptions(mcp)
     _closed_schemas(mcp)
+    _mcp_remedies(mcp)
     return mcp
+
+
+def _mcp_remedies(mcp: MCPServer) -> None:
+    """Every tool's result names MCP tools in its gates' remedies, not CLI commands
+    (:func:`realign_mcp._util.remedies_for_mcp`)."""
+    import functools
+
+    for tool in mcp._tool_manager.list_tools():  # noqa: SLF001
+        fn = tool.fn
+        if tool.is_async:
+            async def wrapped(*a: Any, __fn: Any = fn, **kw: Any) -> Any:
+                return remedies_for_mcp(await __fn(*a, **kw))
+        else:
+            def wrapped(*a: Any, __fn: Any = fn, **kw: Any) -> Any:  # type: ignore[misc]
+                return remedies_for_mcp(__fn(*a, **kw))
+        tool.fn = functools.wraps(fn)(wrapped)
 
 
 def _closed_schemas(mcp: MCPServer) -> None:

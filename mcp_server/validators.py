@@ -23,9 +23,8 @@ from realign.gates import (
     StageVerdict,
     Thresholds,
 )
-from realign.training_metrics import assess_rlvr_verifiability as _assess_rlvr
 from realign.validation import validate_file
-from realign.verifiers import VerifiabilityReport
+from realign.verifiers import VerifiabilityReport, verify_file
 
 from ._util import OverridesArg, check_finite, run_blocking, tool_error
 from .paths import PathPolicy
@@ -232,7 +231,7 @@ def register(mcp: MCPServer, policy: PathPolicy) -> list[str]:
         src = p(path, "path")
         if threshold is not None:
             check_finite({"threshold": threshold})
-        return await run_blocking(_assess_rlvr, src, ctx=ctx, threshold=threshold)
+        return await run_blocking(verify_file, src, ctx=ctx, threshold=threshold)
 
     return ["validate_preference_data", "clean_preference_data", "check_decontamination",
             "get_thresholds", "assess_rlvr_verifiability"]

@@ -73,9 +73,10 @@ def rejected_run(tmp_path):
     ``rejected_run(checks, checkpoint_steps, stages=None)`` writes stage 1 (the baseline
     model ``tmp_path/base``), stage 5 (its KL ``checks``, selected step 20, an on-disk
     checkpoint per step) and stage 7 (decision reject), and returns the run directory."""
+    from realign.backends.trl_train import CHECKPOINT_COMPLETE
     from realign.config import RunConfig
-    from realign.gates import Thresholds, make_verdict
     from realign.fileio import write_json_atomic
+    from realign.gates import Thresholds, make_verdict
     from realign.pipeline import create_run
 
     def build(checks, checkpoint_steps, stages=None):
@@ -91,6 +92,7 @@ def rejected_run(tmp_path):
             ck = d5 / "checkpoints" / f"checkpoint-{step}"
             ck.mkdir(parents=True)
             (ck / "model.safetensors").write_bytes(b"x")
+            (ck / CHECKPOINT_COMPLETE).write_text("{}")  # a complete save (stage 5 marks them)
         write_json_atomic(d5 / "verdict.json", make_verdict("dpo", [], t, findings={
             "checks": checks, "selected_step": 20}, artifacts={"model": str(d5 / "model")}))
         gates = [t.evaluate("capability_retention", 0.5),

@@ -22,6 +22,7 @@ NOT_COMMANDS = {"__init__", "__main__", "entry", "_common"}
 
 #: Every command of today's CLI (sub-app commands as "group command").
 EXPECTED = {
+    "init",
     "validate", "thresholds", "verify",
     "run", "resume", "stage", "status", "runs",
     "eval", "ifd", "calibrate",
@@ -45,8 +46,8 @@ def _command_modules() -> list[str]:
 
 
 def test_every_command_module_is_registered() -> None:
-    assert set(_command_modules()) == {"validate", "pipeline", "eval", "ifd", "calibrate",
-                                       "report", "tools", "skill", "verify"}
+    assert set(_command_modules()) == {"init", "validate", "pipeline", "eval", "ifd",
+                                       "calibrate", "report", "tools", "skill", "verify"}
     union: set[str] = set()
     for name in _command_modules():
         module = importlib.import_module(f"realign.cli.{name}")

@@ -607,6 +607,29 @@ def test_quality_thresholds_doc_lists_every_gate_in_every_preset():
     assert not missing, f"quality-thresholds.md lacks {sorted(missing)}"
 
 
+def test_quality_thresholds_doc_lists_every_remedy_as_the_code_renders_it():
+    """docs/quality-thresholds.md#remedies is realign.gates.remedy_table(): one row per
+    gate, the fail and unmeasured remedies with their placeholders."""
+    from realign.gates import remedy_table
+
+    text = skill_docs()["docs/quality-thresholds.md"]
+    assert "## Remedies" in text
+    start = text.index("## Remedies")
+    section = text[start: text.find("\n## ", start + 3)]
+    rows = []
+    for table in tables_of(lines_of(section)):
+        header = [_header_key(c) for c in _cells(table[0].text)]
+        if header[:3] != ["gate", "when it fails", "when it is unmeasured"]:
+            continue
+        for row in table[2:]:
+            cells = _cells(row.text)
+            rows.append((CODE_SPAN.findall(cells[0])[0], cells[1], cells[2]))
+    want = remedy_table()
+    assert [r[0] for r in rows] == [w[0] for w in want], "the table must list every gate in order"
+    for got, exp in zip(rows, want):
+        assert got == exp, f"{exp[0]}: the doc says {got[1:]} but the code renders {exp[1:]}"
+
+
 def test_skill_md_is_short_and_links_every_doc():
     text = skill_docs()["SKILL.md"]
     assert len(text.splitlines()) < 500

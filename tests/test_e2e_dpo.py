@@ -1,5 +1,6 @@
 """End to end on the real default model (SmolLM2-135M-Instruct): a few DPO steps on a
-small preference set move the margins above 0 and keep KL under the 0.1 gate."""
+small preference set move the held-out margins above 0 and keep the KL of the selected
+model's own samples under the 0.1 gate."""
 
 from __future__ import annotations
 
@@ -35,8 +36,14 @@ def test_default_model_dpo_moves_margins_within_kl(tmp_path, monkeypatch):
     assert v["reference_init"].gate("initial_kl").value < 1e-6
     dpo = v["dpo"]
     kl = dpo.gate("kl_divergence")
+    held = dpo.findings["heldout_gates"]
+    # the gates read the selected model on held-out rows outside the 8-pair probe
+    assert held["probe_pairs"] == 8 and held["sampled"]["prompts"] > 0 and held["margin"]["pairs"] > 0
+    assert kl.value == held["sampled"]["kl"]
     assert kl.status == "pass" and 0 < kl.value <= PRESETS["standard"]["kl_divergence"]
-    assert dpo.gate("reward_margin").value > 0
+    assert 0 < held["teacher_forced"]["kl"] <= PRESETS["standard"]["kl_divergence"]
+    assert dpo.gate("reward_margin").value == held["margin"]["mean"] > 0
+    print("held-out gates:", held["seconds"], "stage timings:", dpo.findings["timings"])
     logs = [json.loads(x) for x in (Path(dpo.artifacts["metrics"])).read_text().splitlines()]
     margins = [r["rewards/margins"] for r in logs if r["event"] == "train_log" and "rewards/margins" in r]
     assert len(margins) == 8 and sum(margins[-4:]) / 4 > 0

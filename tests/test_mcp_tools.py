@@ -322,7 +322,12 @@ async def test_rollback_and_report(failed_run: Path, monkeypatch: pytest.MonkeyP
     assert res["restored"]["name"] == "dpo-step-10"
     assert [e["passed"] for e in res["evaluated"]] == [False, True]
     assert res["regression"] == ["retention"]
-    assert res == rec  # the tool returns exactly what rollback.json records
+    from realign_mcp._util import for_mcp
+
+    for e in rec["evaluated"]:  # over MCP the gates' remedies name tools, not CLI commands
+        for g in e["gates"]:
+            g["remedy"] = for_mcp(g["remedy"]) if g["remedy"] else None
+    assert res == rec  # the tool returns what rollback.json records, in MCP words
     assert deployed_model(failed_run)["model"].endswith("checkpoint-10")
     assert [m for _, _, m in seen][:2] == ["re-evaluating dpo-step-30", "re-evaluating dpo-step-10"]
     assert Path(rep["html"]) == failed_run / "report.html" and Path(rep["html"]).is_file()

@@ -206,7 +206,7 @@ def test_explicit_scores_keep_precedence(stage4, tmp_path):
     v4 = next(s.verdict for s in stage4.stages if s.name == "reward_model")
     rows = [dict(r, score_chosen=8, score_rejected=2) for r in planted_pairs(12, 9)]
     data = write_jsonl(tmp_path / "s.jsonl", rows)
-    v = apply_reward_gap(validate_file(data), data, v4.artifacts["reward_model"], device="cpu")
+    v = apply_reward_gap(validate_file(data, score_scale="1-10"), data, v4.artifacts["reward_model"], device="cpu")
     assert v.gate("preference_gap").value == pytest.approx(6 / 9)
     assert v.findings["reward_model"]["used_for_gate"] is False
 

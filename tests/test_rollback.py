@@ -98,3 +98,12 @@ def test_corrupt_stage7_verdict_is_bad_input_naming_the_file(run_dir):
     res = CliRunner().invoke(app, ["rollback", str(run_dir)])
     assert res.exit_code == 2 and "verdict.json" in res.output and "Traceback" not in res.output
     assert not (run_dir / "rollback.json").exists()
+
+
+def test_a_cut_short_checkpoint_is_never_a_candidate(run_dir):
+    """A checkpoint folder without stage 5's completion marker (a kill during the save)
+    is left out even when its step passed the KL gate."""
+    from realign.backends.trl_train import CHECKPOINT_COMPLETE
+
+    (run_dir / "stages/5-dpo/checkpoints/checkpoint-40" / CHECKPOINT_COMPLETE).unlink()
+    assert [x.name for x in rollback_candidates(run_dir)] == ["baseline"]

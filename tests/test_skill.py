@@ -90,7 +90,7 @@ def test_installed_skill_passes_the_reference_validator(tmp_path):
     assert skills_ref.validate(target) == []
     props = skills_ref.read_properties(target)
     assert props.name == SKILL_NAME
-    for hint in ("dpo", "preference optimization", "realignment", "rlhf",
+    for hint in ("dpo", "preference optimization", "preference tuning", "realignment", "rlhf",
                  "direct preference", "model alignment", "capability regression"):
         assert hint in props.description.lower(), hint
     assert props.license == "Apache-2.0"
@@ -137,3 +137,26 @@ def test_default_target_is_the_claude_skills_folder(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     target = tmp_path / ".claude" / "skills" / SKILL_NAME
     assert set(_tree(target)) == _expected()
+
+
+def test_allowed_tools_cover_the_mcp_path_of_the_workflow():
+    """`allowed-tools` (the spec's space-delimited string) pre-approves, as
+    mcp__realign__<tool>, every tool workflow.md's "An agent over MCP" path calls, and
+    names only tools the server registers."""
+    import re
+
+    pytest.importorskip("mcp", reason="needs the mcp extra")
+    from realign_mcp.server import build_server
+
+    text = (ROOT / "SKILL.md").read_text(encoding="utf-8")
+    allowed = yaml.safe_load(text.split("---", 2)[1])["allowed-tools"].split()
+    mcp_tools = {t[len("mcp__realign__"):] for t in allowed if t.startswith("mcp__realign__")}
+    flow = (ROOT / "workflow.md").read_text(encoding="utf-8")
+    flow = flow[flow.index("## An agent over MCP"):]
+    called = set(re.findall(r"`([a-z_]+)\(", flow))
+    registered = {t.name for t in build_server()._tool_manager.list_tools()}  # noqa: SLF001
+    assert called, "workflow.md names no tool calls in its MCP path"
+    assert called <= registered, called - registered
+    assert called <= mcp_tools, f"allowed-tools lacks {sorted(called - mcp_tools)}"
+    assert mcp_tools <= registered, mcp_tools - registered
+    assert {"Read", "Bash"} <= set(allowed)

@@ -302,6 +302,8 @@ def test_stage7_gates_on_tiny_run(tiny_run):
     # the run is not `passed`
     assert v.gate("win_rate").status == "fail"
     assert status.state == "passed_with_failures" and "evaluation:win_rate" in status.allowed_failures
+    # its remedy names this run (the pipeline gives the stages the run's context)
+    assert f"`realign rollback {run_dir}`" in v.gate("win_rate").remedy
     # win rate: one judgement per prompt by the stage-4 reward model (no references here)
     recs = [json.loads(x) for x in Path(v.artifacts["winrate"]).read_text().splitlines()]
     assert 0 < len(recs) <= 10 and {r["judge"] for r in recs} == {"reward_model"}
@@ -370,6 +372,16 @@ def test_planted_regression_is_rejected_and_rolled_back(tiny_run, tmp_path, one_
     assert Path(base_eval["benchmarks"]).is_file()  # the baseline was re-evaluated
     assert deployed_model(run_dir)["model"] == rb["restored"]["path"]
     assert Path(dpo.artifacts["model"]).is_dir()  # nothing deleted
+    # the restored baseline is the user's folder: its model card goes into the run directory
+    from huggingface_hub import ModelCard
+
+    assert rb["model_card"] == str(run_dir / "model_card.md")
+    card = ModelCard.load(run_dir / "model_card.md")
+    assert "| stage | gate | value | threshold | status | 95% CI |" in card.text
+    assert "`worst_benchmark_retention`" in card.text and "| pipeline |" in card.text
+    assert not (Path(rb["restored"]["path"]) / "README.md").exists()
+    # the failed gate's remedy names the checkpoint rollback tries first (or the baseline)
+    assert "`realign rollback " in worst.remedy and "first candidate:" in worst.remedy
     # a second rollback from the CLI keeps the first record
     from typer.testing import CliRunner
 

@@ -44,13 +44,15 @@ class KLResult:
     ``per_sequence[i]``: Σ_t KL_it of example i (the sequence-level KL, nats);
     ``counts[i]``: T_i, its number of completion tokens;
     ``policy_token_logps``: the policy's log p of each completion token, when the backend
-    got it from the same forward pass (else None).
+    got it from the same forward pass (else None); ``reference_token_logps`` likewise for
+    the reference.
     """
 
     mean: float
     per_sequence: list[float]
     counts: list[int]
     policy_token_logps: list[list[float]] | None = None
+    reference_token_logps: list[list[float]] | None = None
 
     @property
     def tokens(self) -> int:

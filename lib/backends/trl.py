@@ -21,6 +21,7 @@ from ..errors import InputError, MissingDependencyError
 from ..fileio import atomic_path
 from ..messages import Message, as_messages, as_text
 from .base import KLResult, LogProbs
+from .encoding import Encoded, encode_pair  # noqa: F401  (moved to the torch-free encoding module; re-exported)
 
 try:
     import torch
@@ -43,18 +44,6 @@ class ModelHandle:
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
-
-
-@dataclass
-class Encoded:
-    """One tokenized (prompt, completion): ``input_ids[start:]`` are the completion tokens."""
-
-    input_ids: list[int]
-    start: int
-
-    @property
-    def n_completion(self) -> int:
-        return len(self.input_ids) - self.start
 
 
 # ---------------------------------------------------------------- devices, loading
@@ -100,47 +89,6 @@ def _unwrap(model: Any) -> Any:
 
 
 # ---------------------------------------------------------------- tokenization
-
-
-def encode_pair(tokenizer: Any, prompt: Prompt, completion: Prompt, max_length: int = DEFAULT_MAX_LENGTH) -> Encoded:
-    """Tokenize one (prompt, completion); the completion is scored, the prompt is context.
-
-    With a chat template: prompt text = template(prompt messages, add_generation_prompt),
-    full text = template(prompt messages + assistant completion); the completion tokens
-    are the tokens of the full text after the prompt's tokens (when the joint tokenization
-    does not extend the prompt's, the completion text is tokenized on its own and appended,
-    as TRL does). Without a template: tokenizer(prompt) + tokenizer(completion) + EOS.
-
-    Longer than ``max_length``: the completion is cut from the right to ``max_length - 1``
-    tokens and the prompt from the left (its end is kept), so at least one context token
-    precedes the completion.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        p_msgs = as_messages(prompt, "user")
-        c_msgs = as_messages(completion, "assistant")
-        p_text = tokenizer.apply_chat_template(p_msgs, tokenize=False, add_generation_prompt=True)
-        f_text = tokenizer.apply_chat_template(p_msgs + c_msgs, tokenize=False)
-        p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
-        f_ids = tokenizer(f_text, add_special_tokens=False)["input_ids"]
-        if f_text.startswith(p_text) and f_ids[: len(p_ids)] == p_ids:
-            c_ids = f_ids[len(p_ids):]
-        elif f_text.startswith(p_text):
-            c_ids = tokenizer(f_text[len(p_text):], add_special_tokens=False)["input_ids"]
-        else:
-            raise InputError("the tokenizer's chat template renders the prompt differently when a "
-                             "completion follows it; cannot split prompt and completion tokens")
-    else:
-        p_ids = tokenizer(as_text(prompt), add_special_tokens=True)["input_ids"]
-        c_ids = tokenizer(as_text(completion), add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            c_ids = c_ids + [tokenizer.eos_token_id]
-    if not p_ids:  # nothing to condition the first token on: it becomes context
-        p_ids, c_ids = c_ids[:1], c_ids[1:]
-    if max_length < 2:
-        raise ValueError("max_length must be at least 2")
-    c_ids = c_ids[: max_length - 1]
-    p_ids = p_ids[-(max_length - len(c_ids)):]
-    return Encoded(input_ids=list(p_ids) + list(c_ids), start=len(p_ids))
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
@@ -413,7 +361,8 @@ def reference_distributions(reference: ModelHandle | Any, encoded: Sequence[Enco
 def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | ReferenceDistributions | None,
                 prompts: Sequence[Prompt] = (), completions: Sequence[Prompt] = (), *,
                 tokenizer: Any = None, batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH,
-                encoded: Sequence[Encoded] | None = None) -> KLResult:
+                encoded: Sequence[Encoded] | None = None, as_trained: bool = False,
+                reference_logps: bool = False) -> KLResult:
     """KL(π_θ ‖ π_ref) on a held-out probe set, exact over the vocabulary.
 
     mean = Σ_i Σ_t KL_it ÷ Σ_i T_i (nats per completion token, the gated number), with
@@ -421,7 +370,9 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
     :func:`realign.metrics.per_sequence_kl`; ``per_sequence`` holds Σ_t KL_it
     per example, in input order. ``policy_token_logps`` holds the policy's log p of each
     completion token, from the same forward pass (what ``completion_logprobs`` returns),
-    so a caller that needs both pays one policy forward, not two.
+    so a caller that needs both pays one policy forward, not two; with
+    ``reference_logps=True``, ``reference_token_logps`` holds the reference's likewise
+    (else None).
 
     ``policy``/``reference`` are :class:`ModelHandle` objects or raw models (e.g. the one
     inside a ``Trainer``; a DDP wrapper is unwrapped). ``reference`` may also be a
@@ -429,6 +380,9 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
     forward at all), or ``None`` with a PEFT policy: "the same model with its adapters
     disabled". The tokenizer comes from whichever argument is a handle, or ``tokenizer=``.
     Runs under ``torch.no_grad`` in eval mode and restores each model's train/eval mode.
+    ``as_trained=True`` leaves the policy in the mode it is in (a policy in train mode is
+    measured as the trainer's forward sees it, dropout included); the reference is always
+    in eval mode.
     """
     from ..metrics import per_sequence_kl
 
@@ -460,12 +414,17 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
 
     sums: list[float] = [0.0] * len(encoded)
     token_logps: list[list[float]] = [[] for _ in encoded]
-    with _EvalMode(pol, ref):
+    ref_token_logps: list[list[float]] = [[] for _ in encoded]
+
+    def gathered(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lf = logits.float()
+        return lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lf, dim=-1)
+
+    with _EvalMode(*([ref] if as_trained else [pol, ref])):
         for idx in _batches(encoded, batch_size):
             items = [encoded[i] for i in idx]
             p_logits, targets, mask = _completion_logits_batch(pol, items, pad)
-            lp = p_logits.float()
-            lp = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lp, dim=-1)
+            lp = gathered(p_logits, targets)
             for r, i in enumerate(idx):
                 token_logps[i] = lp[r][mask[r]].tolist()
             if cached is not None:
@@ -473,13 +432,21 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
                     pr = p_logits[r][mask[r]].unsqueeze(0)
                     rr = cached.logps[i].to(pr.device).unsqueeze(0)
                     sums[i] = per_sequence_kl(pr, rr, torch.ones(pr.shape[:2], dtype=torch.bool))[0]
+                    if reference_logps:
+                        ref_token_logps[i] = rr[0].gather(
+                            -1, targets[r][mask[r]].to(rr.device).unsqueeze(-1)).squeeze(-1).tolist()
                 continue
             if ref is not None:
                 r_logits, _t2, _m2 = _completion_logits_batch(ref, items, pad)
             else:
                 with disable():
                     r_logits, _t2, _m2 = _completion_logits_batch(pol, items, pad)
-            for i, s in zip(idx, per_sequence_kl(p_logits, r_logits.to(p_logits.device), mask)):
+            r_logits = r_logits.to(p_logits.device)
+            if reference_logps:
+                lr = gathered(r_logits, targets)
+                for r, i in enumerate(idx):
+                    ref_token_logps[i] = lr[r][mask[r]].tolist()
+            for i, s in zip(idx, per_sequence_kl(p_logits, r_logits, mask)):
                 sums[i] = s
             del p_logits, r_logits
     counts = [e.n_completion for e in encoded]
@@ -487,7 +454,99 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
     if total == 0:
         raise ValueError("the probe set has no completion tokens: KL is undefined")
     return KLResult(mean=sum(sums) / total, per_sequence=sums, counts=counts,
-                    policy_token_logps=token_logps)
+                    policy_token_logps=token_logps,
+                    reference_token_logps=ref_token_logps if reference_logps else None)
+
+
+# ---------------------------------------------------------------- sampling from the policy
+
+
+def _last_logits(model: Any, past: tuple[str, Any] | None = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, tuple[str, Any]]:
+    """One forward with a KV cache: (B × V logits at the last position, the cache).
+
+    The cache goes back in under the name the model's output used for it (``cache`` in
+    transformers ≥ 5.2x, ``past_key_values`` before), so a model never silently gets a
+    keyword it ignores.
+    """
+    if past is not None:
+        kwargs[past[0]] = past[1]
+    try:
+        out = model(**kwargs, use_cache=True, logits_to_keep=1)
+    except TypeError:  # a model whose forward has no logits_to_keep
+        out = model(**kwargs, use_cache=True)
+    name = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
+    return out.logits[:, -1], (name, getattr(out, name))
+
+
+def _draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row drawn from softmax(logits), by the inverse CDF: the first v with
+    Σ_{w ≤ v} p_w > u·Σ_w p_w, u ~ U[0, 1) from ``gen`` (a CPU generator: the same draws
+    on every device). The CDF is summed in float64 on the CPU (MPS has no float64), one
+    uniform per row (``torch.multinomial`` takes ~70 ms per batch over a 49k vocabulary on
+    a CPU). Returns the token ids on ``logits``' device."""
+    cdf = torch.softmax(logits.float(), dim=-1).to("cpu", torch.float64).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return idx.squeeze(-1).clamp(max=cdf.shape[-1] - 1).to(logits.device)
+
+
+def sample_responses(handle: ModelHandle | Any, prompts: Sequence[Prompt], *, max_new_tokens: int,
+                     seed: int, tokenizer: Any = None, batch_size: int = 8,
+                     max_length: int = DEFAULT_MAX_LENGTH) -> list[Encoded]:
+    """One response per prompt sampled from the model itself, as token ids.
+
+    Pure ancestral sampling at temperature 1: y_t ~ softmax(logits_t) in float32, no
+    top-k/top-p/repetition or any other logits processor (the model's generation config
+    is not consulted), so the responses are draws from π(· | x), the distribution
+    KL(π ‖ π_ref) is an expectation under. Each response stops after its first EOS token
+    (kept) or ``max_new_tokens`` tokens. Prompts get the chat template with the
+    generation prompt (:func:`encode_prompt`), cut from the left to
+    ``max(1, max_length − max_new_tokens)`` tokens.
+
+    Seeded by its own CPU ``torch.Generator`` (the global RNG is left alone); the draws
+    depend on ``seed`` and ``batch_size``. Batches are left-padded with explicit position
+    ids and a KV cache. Returns :class:`Encoded` items (prompt ids + sampled ids, ``start``
+    at the first sampled token) to score with ``encoded=`` exactly as sampled, never
+    re-tokenized from text.
+    """
+    tok = tokenizer if tokenizer is not None else handle.tokenizer
+    model = _unwrap(handle)
+    device = _model_device(model)
+    pad = _pad_id(tok)
+    eos = tok.eos_token_id
+    keep = max(1, max_length - max_new_tokens)
+    ids = [encode_prompt(tok, p)[-keep:] for p in prompts]
+    new: list[list[int]] = [[] for _ in ids]
+    gen = torch.Generator().manual_seed(seed)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    with _EvalMode(model):
+        for k in range(0, len(order), batch_size):
+            idx = order[k:k + batch_size]
+            length = max(len(ids[i]) for i in idx)
+            x = torch.full((len(idx), length), pad, dtype=torch.long)
+            attn = torch.zeros((len(idx), length), dtype=torch.long)
+            for r, i in enumerate(idx):
+                x[r, length - len(ids[i]):] = torch.tensor(ids[i], dtype=torch.long)
+                attn[r, length - len(ids[i]):] = 1
+            x, attn = x.to(device), attn.to(device)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            logits, past = _last_logits(model, input_ids=x, attention_mask=attn, position_ids=pos)
+            done = [False] * len(idx)
+            for _ in range(max_new_tokens):
+                nxt = _draw(logits, gen)
+                for r, (i, t) in enumerate(zip(idx, nxt.tolist())):
+                    if not done[r]:
+                        new[i].append(t)
+                        done[r] = t == eos
+                if all(done):
+                    break
+                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+                pos = pos[:, -1:] + 1
+                logits, past = _last_logits(model, past, input_ids=nxt.unsqueeze(-1),
+                                            attention_mask=attn, position_ids=pos)
+            del past
+    return [Encoded(input_ids=list(p) + c, start=len(p)) for p, c in zip(ids, new)]
 
 
 # ---------------------------------------------------------------------------- KL of two saved models
@@ -544,8 +603,16 @@ def kl_between(policy: str | Path, probe: str | Path, reference: str | Path | No
                      per_sequence=kl.per_sequence, tokens=kl.tokens, examples=len(rows))
 
 
-def make_policy(ref_model: Any, lora: dict[str, Any] | None) -> Any:
-    """A trainable policy starting at the reference: a deep copy, or LoRA on a copy."""
+def make_policy(ref_model: Any, lora: dict[str, Any] | None, *, disable_dropout: bool = True) -> Any:
+    """A trainable policy starting at the reference: a deep copy, or LoRA on a copy, in
+    train mode, with dropout disabled as TRL's ``DPOTrainer`` disables it
+    (``DPOConfig.disable_dropout``, default true: every ``torch.nn.Dropout`` gets p = 0;
+    a dropout a model applies by a config float, such as Llama's ``attention_dropout``,
+    stays on in train mode, as it does in TRL's training).
+
+    Stage 3 measures ``initial_kl`` on what this returns, in train mode, and stage 5
+    trains what it returns: one construction (:func:`realign.stages.context.build_policy`).
+    """
     import copy
 
     policy = copy.deepcopy(ref_model)
@@ -555,5 +622,9 @@ def make_policy(ref_model: Any, lora: dict[str, Any] | None) -> Any:
         from peft import LoraConfig, get_peft_model
 
         policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **lora))
+    if disable_dropout:
+        for module in policy.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0
     policy.train()
     return policy

@@ -31,6 +31,13 @@ distributed training (TRL shards the precompute across ranks).
 
 The training steps use TRL's own loss, with its fused LM head restricted to the
 completion positions on CPU as TRL already does on CUDA (:func:`completion_only_lm_head`).
+
+Checkpoints are written so that a partial one is never resumed from: the trainer writes
+``checkpoint-N`` as transformers does, then the stage's checkpoint hooks (the KL
+monitor's state), then every file is flushed to disk and :data:`CHECKPOINT_COMPLETE` is
+written last; only then are older checkpoints rotated out. :func:`resume_checkpoint`
+picks the newest checkpoint that has the marker and removes the incomplete ones (a kill
+or a full disk during a save).
 """
 
 from __future__ import annotations
@@ -41,8 +48,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_path
+from ..fileio import atomic_path, write_json_atomic
 from ..models import realign_home
+
+#: Written into ``checkpoint-N`` after everything else of that checkpoint, flushed to disk:
+#: a checkpoint folder without it is incomplete and is never resumed from.
+CHECKPOINT_COMPLETE = "realign_complete.json"
 
 
 def quiet_hf() -> None:
@@ -153,6 +164,63 @@ def completion_only_lm_head(device: Any) -> Iterator[bool]:
         tu._use_triton = original
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a ``checkpoint-N`` folder name (None for any other name)."""
+    head, _, tail = folder.name.rpartition("-")
+    return int(tail) if head == "checkpoint" and tail.isdigit() else None
+
+
+def _legacy_complete(folder: Path) -> bool:
+    """A checkpoint written before the marker existed: transformers' ``trainer_state.json``
+    (written after the weights, optimizer, scheduler and RNG states) parses and names step N."""
+    import json
+
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    return isinstance(state, dict) and state.get("global_step") == checkpoint_step(folder) and has_weights
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete ``checkpoint-N`` folders under ``root``, oldest first: those holding
+    :data:`CHECKPOINT_COMPLETE`. Only when no folder has the marker (a run written before
+    it existed), folders whose ``trainer_state.json`` parses and names their step count."""
+    folders = sorted((d for d in Path(root).glob("checkpoint-*")
+                      if d.is_dir() and checkpoint_step(d) is not None), key=checkpoint_step)
+    marked = [d for d in folders if (d / CHECKPOINT_COMPLETE).is_file()]
+    if marked or not folders:
+        return marked
+    return [d for d in folders if _legacy_complete(d)]
+
+
+def resume_checkpoint(root: Path, *, remove_incomplete: bool = True) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under ``root`` (None: start from scratch), and the
+    names of the incomplete ``checkpoint-N`` folders, which are removed
+    (``remove_incomplete``): a save cut short by a kill or a full disk; they hold no state
+    to resume from and would otherwise be picked up by transformers' rotation."""
+    import shutil
+
+    root = Path(root)
+    complete = complete_checkpoints(root)
+    incomplete = [d for d in root.glob("checkpoint-*")
+                  if d.is_dir() and checkpoint_step(d) is not None and d not in complete]
+    if remove_incomplete:
+        for d in incomplete:
+            shutil.rmtree(d, ignore_errors=True)
+    return (complete[-1] if complete else None), sorted(d.name for d in incomplete)
+
+
+def _fsync_tree(folder: Path) -> None:
+    import os
+
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def make_dpo_trainer_class() -> type:
     """Build the DPOTrainer subclass lazily (TRL is imported only when training)."""
     import numpy as np
@@ -171,9 +239,38 @@ def make_dpo_trainer_class() -> type:
         lm_head_positions: str | None = None  # "completion" or "trl-default" (see compute_loss)
 
         def __init__(self, *args: Any, ref_progress: Callable[[int, int], None] | None = None,
+                     checkpoint_hooks: list[Callable[[Path, int], None]] | None = None,
                      **kwargs: Any) -> None:
             self.ref_progress = ref_progress  # (done, total) pairs during a precompute
+            # called as hook(folder, step) inside each checkpoint save, before the marker
+            self.checkpoint_hooks = list(checkpoint_hooks or [])
             super().__init__(*args, **kwargs)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            """transformers' checkpoint, then the hooks, then (flushed) the completion
+            marker; older checkpoints are rotated out only after that, and only complete
+            ones count towards ``save_total_limit``."""
+            import shutil
+
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None  # rotate below, once this one is complete
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if not self.args.should_save:
+                return
+            step = self.state.global_step
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{step}"
+            for hook in self.checkpoint_hooks:
+                hook(folder, step)
+            _fsync_tree(folder)
+            write_json_atomic(folder / CHECKPOINT_COMPLETE, {
+                "step": step, "files": sorted(str(f.relative_to(folder)) for f in folder.rglob("*")
+                                              if f.is_file())})
+            if limit is not None and limit > 0:
+                for old in complete_checkpoints(folder.parent)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:

@@ -32,7 +32,7 @@ from ..gates import (
 )
 
 __all__ = ["PROGRESS_MIN_BYTES", "STATUS_STYLE", "emit", "err", "fail_input", "out",
-           "print_verdict", "progress_bar", "thresholds_from"]
+           "print_verdict", "progress_bar", "remedy_text", "thresholds_from"]
 
 out = Console()
 err = Console(stderr=True)
@@ -76,15 +76,21 @@ def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Calla
         yield update
 
 
+def remedy_text(remedy: str | None) -> str:
+    """A gate's remedy as Rich markup for a table cell ('' when it has none)."""
+    return f"\n[cyan]→ {escape(remedy)}[/]" if remedy else ""
+
+
 def print_verdict(verdict: StageVerdict, *, top: int = 10) -> None:
     """Human output: the gate table and the top findings with line numbers."""
     table = Table(title=f"stage: {verdict.stage} ({verdict.preset} preset)", show_lines=False)
-    for col in ("gate", "value", "threshold", "status", "detail"):
+    for col in ("gate", "value", "threshold", "status", "detail → remedy"):
         table.add_column(col, overflow="fold")
     for g in verdict.gates:
         value = "—" if g.value is None else f"{g.value:.4g}"
         thr = f"{g.op} {g.threshold:g}" + (" (override)" if g.overridden else "")
-        table.add_row(g.name, value, thr, f"[{STATUS_STYLE[g.status]}]{g.status}[/]", g.detail)
+        table.add_row(g.name, value, thr, f"[{STATUS_STYLE[g.status]}]{g.status}[/]",
+                      escape(g.detail) + remedy_text(g.remedy))
     out.print(table)
     f = verdict.findings
     for key in ("malformed", "duplicates", "identical", "empty", "contaminated"):

@@ -23,7 +23,7 @@ from typing import Any
 
 import typer
 
-from . import calibrate, ifd, pipeline, report, skill, tools, validate, verify
+from . import calibrate, ifd, init, pipeline, report, skill, tools, validate, verify
 from . import eval as eval_
 from ._common import err
 
@@ -37,7 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (validate, verify, pipeline, eval_, ifd, calibrate, report, tools, skill):
+for _module in (init, validate, verify, pipeline, eval_, ifd, calibrate, report, tools, skill):
     _module.register(app)
 del _module
 

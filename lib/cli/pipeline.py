@@ -22,7 +22,7 @@ from rich.table import Table
 from ..config import STAGES as _STAGES
 from ..errors import InputError, RealignError
 from ..gates import EXIT_CODES, RUN_EXIT
-from ._common import STATUS_STYLE, err, fail_input, out, print_verdict
+from ._common import STATUS_STYLE, err, fail_input, out, print_verdict, remedy_text
 
 _STAGE_NAMES = list(_STAGES)
 #: Colours of the states and stage statuses beyond the gate statuses of ``STATUS_STYLE``.
@@ -76,6 +76,8 @@ def _print_status(status: object, verbose: bool = True) -> None:
             gates = ", ".join(
                 f"{g.name}={'—' if g.value is None else f'{g.value:.4g}'} [{STATUS_STYLE[g.status]}]{g.status}[/]"
                 for g in s.verdict.gates)
+            gates += "".join(remedy_text(f"{g.name}: {g.remedy}") for g in s.verdict.gates
+                             if g.remedy and g.status != "pass")
         if s.note:
             gates = (gates + "\n" if gates else "") + escape(s.note)
         style = _STYLE.get(s.status, "")

@@ -8,6 +8,9 @@
     <runs>/<run-id>/report.html, report.md          the human report
     <runs>/<run-id>/deployed_model.json             the model stage 7 or a rollback deployed
     <runs>/<run-id>/rollback.json, rollback/        the last rollback and its re-evaluations
+    <deployed model folder>/README.md               its model card, when the folder is in
+                                                    the run directory; else:
+    <runs>/<run-id>/model_card.md                   (a user's own folder is never written)
 
 Older records are kept, never overwritten: ``deployed_model.<n>.json``, ``rollback.<n>.json``.
 
@@ -93,6 +96,30 @@ class RunDir:
     def rollback_root(self) -> Path:
         """Where rollback writes each candidate's re-evaluation."""
         return self.path / "rollback"
+
+    @property
+    def model_card_fallback(self) -> Path:
+        """Where the model card goes when the deployed model is not a folder of this run."""
+        return self.path / "model_card.md"
+
+    def model_card_for(self, model: str | Path) -> Path:
+        """The model card of ``model`` (a deployed model folder): ``README.md`` inside it
+        when the folder lies in this run directory (stage 5's model, a checkpoint, stage
+        1's SFT model; symlinks resolved), else :attr:`model_card_fallback` (the baseline
+        may be the user's own folder, or the shipped default model: never written)."""
+        p = Path(model)
+        try:
+            inside = p.is_dir() and p.resolve().is_relative_to(self.path.resolve())
+        except OSError:
+            inside = False
+        return p / "README.md" if inside else self.model_card_fallback
+
+    @property
+    def model_card(self) -> Path | None:
+        """The model card of the deployed model (``deployed_model.json``); None when
+        nothing was deployed."""
+        rec = self.deployed()
+        return self.model_card_for(rec["model"]) if rec and rec.get("model") else None
 
     def exists(self) -> bool:
         """True when this is a run directory (it has ``run.json``)."""
@@ -207,6 +234,8 @@ class RunDir:
                 values[key] = value
                 continue
             p = Path(value)
+            if not p.is_absolute():  # recorded relative to the run directory
+                p = self.path / p
             values[key] = p.name
             parts = p.parts
             own = any(parts[i] == "stages" and parts[i + 1] == folder for i in range(len(parts) - 1))
@@ -266,6 +295,27 @@ class RunDir:
         return out
 
     # ---------------------------------------------------------------- deploy record
+    def history(self, record: Path) -> list[dict[str, Any]]:
+        """Every version of a kept record (``deployed_model.json``, ``rollback.json``),
+        oldest first: ``<stem>.1<suffix>``, ``<stem>.2<suffix>``, ..., then the current one
+        (unreadable versions are left out)."""
+        out: list[dict[str, Any]] = []
+        k = 1
+        while True:
+            p = record.with_name(f"{record.stem}.{k}{record.suffix}")
+            if not p.exists():
+                break
+            try:
+                out.append(json.loads(p.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                pass
+            k += 1
+        try:
+            out.append(json.loads(record.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
+        return out
+
     def deployed(self) -> dict[str, Any] | None:
         """``deployed_model.json`` (None when nothing was deployed or restored)."""
         try:

@@ -50,6 +50,7 @@ class ReferenceInitArtifacts(StageArtifacts):
 
     reference_model: str | None = None
     kl_probe: str | None = None
+    # reference_probe.json, relative to the run directory (stage 5 reads it only from inside)
     reference_probe: str | None = None
     initial_kl: float | None = None
     policy: str | None = None  # "copy" or "lora"

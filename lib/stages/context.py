@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..config import RunConfig
 from ..gates import StageVerdict, Thresholds
@@ -62,3 +62,23 @@ class RunContext:
         ``model`` (``default`` resolved to the embedded SmolLM2)."""
         model = self.artifacts("sft_baseline").model
         return str(model) if model else str(resolve_model(self.config.model))
+
+
+def load_reference(ctx: RunContext, backend: Any, model: str | None = None) -> Any:
+    """The frozen reference (stage 1's model unless ``model``) on the run's device, in the
+    backend's dtype for that device, in eval mode, with no gradients."""
+    ref = backend.load(model or ctx.base_model(), device=ctx.config.device)
+    for p in ref.model.parameters():
+        p.requires_grad_(False)
+    ref.model.eval()
+    return ref
+
+
+def build_policy(ctx: RunContext, ref_model: Any) -> Any:
+    """The policy stage 5 trains: :func:`realign.backends.trl.make_policy` with the run's
+    ``dpo.lora`` and TRL's ``disable_dropout`` setting (``dpo.extra``, default true), in
+    train mode."""
+    from ..backends.trl import make_policy
+
+    d = ctx.config.dpo
+    return make_policy(ref_model, d.lora, disable_dropout=bool(d.extra.get("disable_dropout", True)))

@@ -1,7 +1,10 @@
-"""Stage 5, DPO optimization with a live KL gate.
+"""Stage 5, DPO optimization with a live KL monitor, gated on held-out data.
 
 Training is TRL's ``DPOTrainer`` (through :mod:`realign.backends.trl_train`, which adds a
-content-addressed cache of the precomputed reference log-probs).
+content-addressed cache of the precomputed reference log-probs and crash-safe
+checkpoints). The reference and the policy are built by stage 3's functions
+(:func:`realign.stages.context.load_reference`, ``build_policy``), so stage 3's
+``initial_kl`` measured this construction.
 :class:`realign.kl_monitor.KLMonitor`, a ``transformers`` callback, checks the policy every ``kl_monitor.every`` optimizer steps
 (and at the first and last step) on the KL probe written by stage 3:
 
@@ -25,8 +28,11 @@ On a breach (KL above the ``kl_divergence`` threshold) the monitor acts by
 * ``stop``: stop training.
 
 After ``max_breaches`` breaches training stops. The final model is the checkpoint that
-passed the KL gate with the highest held-out margin (not simply the last one); the
+passed the KL gate with the highest probe margin (not simply the last one); the
 reference itself (step 0, margin 0) is the fallback, which fails ``reward_margin``.
+
+A killed run resumes from the newest *complete* checkpoint (partial ones are removed) with
+the monitor's history and best passing check as of that checkpoint.
 
 Detectors (warnings with a suggested fix, never silent):
 
@@ -35,7 +41,17 @@ Detectors (warnings with a suggested fix, never silent):
 * length exploitation: the policy's greedy answers to the probe prompts grow longer than
   the reference's.
 
-Gates: ``kl_divergence`` and ``reward_margin`` of the selected checkpoint.
+Gates, on the selected (saved) model and held-out rows the selection never saw
+(:func:`realign.kl_probe.gate_rows`: held-out pairs after the probe, prompts not in it),
+by :func:`realign.kl_monitor.measure_heldout`:
+
+* ``kl_divergence``: mean per-token KL(π ‖ π_ref), exact over the vocabulary, along
+  responses sampled from π (temperature 1, seeded) for ``kl_monitor.gate_prompts``
+  prompts; the teacher-forced figure and the sequence-level sum beside it;
+* ``reward_margin``: mean implicit reward margin (95% CI) on ``kl_monitor.gate_pairs``
+  pairs.
+
+No held-out rows outside the probe: both are ``unmeasured``.
 """
 
 from __future__ import annotations
@@ -49,10 +65,22 @@ from typing import Any
 from ..distributed import barrier, is_main_process, world_size
 from ..fileio import file_digest, read_jsonl, write_json_atomic
 from ..gates import GateResult, StageVerdict, make_verdict
-from ..kl_monitor import LENGTH_GROWTH, SATURATION_LOSS, KLMonitor, detect_displacement
-from ..kl_probe import LENGTH_PROBE_PROMPTS, LENGTH_PROBE_TOKENS, load_reference_probe
+from ..kl_monitor import (
+    LENGTH_GROWTH,
+    SATURATION_LOSS,
+    KLMonitor,
+    detect_displacement,
+    measure_heldout,
+)
+from ..kl_probe import (
+    LENGTH_PROBE_PROMPTS,
+    LENGTH_PROBE_TOKENS,
+    distinct_prompts,
+    gate_rows,
+    load_reference_probe,
+)
 from ..rundir import metrics_log
-from .context import RunContext
+from .context import RunContext, build_policy, load_reference
 
 NAME = "dpo"
 
@@ -83,8 +111,13 @@ def _mean_words(texts: list[str]) -> float:
 def run(ctx: RunContext) -> StageVerdict:
     import torch
 
-    from ..backends.trl import TRLBackend, make_policy
-    from ..backends.trl_train import dpo_config, make_dpo_trainer_class, quiet_hf
+    from ..backends.trl import TRLBackend
+    from ..backends.trl_train import (
+        dpo_config,
+        make_dpo_trainer_class,
+        quiet_hf,
+        resume_checkpoint,
+    )
 
     quiet_hf()
     cfg, d = ctx.config, ctx.config.dpo
@@ -98,29 +131,41 @@ def run(ctx: RunContext) -> StageVerdict:
         raise RuntimeError("stage 5 needs stages 2 (train split) and 3 (KL probe) to have run")
     train_rows = read_jsonl(Path(train_path))
     probe = read_jsonl(Path(probe_path))
+    # the gates' held-out rows: after the probe, no probe prompt (never used for selection)
+    heldout_rest = gate_rows(read_jsonl(Path(s2.heldout)), probe) if s2.heldout else []
+    gate_pairs = heldout_rest[:cfg.kl_monitor.gate_pairs]
+    gate_prompts = distinct_prompts(heldout_rest, cfg.kl_monitor.gate_prompts)
 
     timings: dict[str, float] = {}
     ctx.progress(0, None, "loading reference and policy")
     with _phase(timings, "load"):
-        ref = backend.load(base, device=cfg.device)
-        for p in ref.model.parameters():
-            p.requires_grad_(False)
-        policy = make_policy(ref.model, d.lora)
+        ref = load_reference(ctx, backend, base)
+        policy = build_policy(ctx, ref.model)
     threshold = ctx.thresholds.get("kl_divergence")
     warnings: list[str] = []
+    ckpt_root = out / "checkpoints"
+    resume_from, incomplete = resume_checkpoint(ckpt_root, remove_incomplete=is_main_process())
+    barrier()
+    if incomplete:
+        warnings.append(f"removed incomplete checkpoint(s) {', '.join(incomplete)} (a save was cut "
+                        f"short); {'resumed from ' + resume_from.name if resume_from else 'started over'}")
 
     with metrics_log(ctx.rundir.metrics_path(NAME)) as log:
-        rp_path = s3.reference_probe
         with _phase(timings, "monitor_init"):
-            reference_probe = (load_reference_probe(rp_path)
-                               if rp_path and Path(rp_path).exists() else None)
+            # from inside the run directory only, never a pickle; missing: recomputed
+            reference_probe = (load_reference_probe(s3.reference_probe, ctx.run_dir, missing_ok=True)
+                               if s3.reference_probe else None)
             monitor = KLMonitor(backend=backend, ref=ref, probe=probe, beta=d.beta, threshold=threshold,
                                 every=cfg.kl_monitor.every, on_breach=cfg.kl_monitor.on_breach,
                                 max_breaches=cfg.kl_monitor.max_breaches,
                                 batch_size=cfg.kl_monitor.batch_size, max_length=d.max_length,
                                 log=log, progress=ctx.progress, reference_probe=reference_probe,
                                 initial_kl=s3.initial_kl,
-                                reference_weights=None if d.lora else dict(ref.model.named_parameters()))
+                                initial_threshold=ctx.thresholds.get("initial_kl"),
+                                reference_weights=None if d.lora else dict(ref.model.named_parameters()),
+                                state_dir=out)
+            if resume_from is not None:
+                monitor.load_checkpoint_state(resume_from, ctx.run_dir)
         length_prompts = [r["prompt"] for r in probe[:LENGTH_PROBE_PROMPTS]]
         ref_answers = monitor.ref_answers
 
@@ -138,7 +183,7 @@ def run(ctx: RunContext) -> StageVerdict:
                 dataset.save_to_disk(str(out / "train_dataset"))
             barrier()
             dataset = load_from_disk(str(out / "train_dataset"))
-        args = dpo_config(out / "checkpoints", beta=d.beta, loss_type=d.loss_type,
+        args = dpo_config(ckpt_root, beta=d.beta, loss_type=d.loss_type,
                           learning_rate=d.learning_rate, batch_size=d.batch_size,
                           gradient_accumulation_steps=d.gradient_accumulation_steps,
                           max_steps=d.max_steps, num_epochs=d.num_epochs, max_length=d.max_length,
@@ -154,6 +199,7 @@ def run(ctx: RunContext) -> StageVerdict:
                               ref_model=ref.model if world == 1 and not d.lora else None,
                               args=args, train_dataset=dataset, processing_class=ref.tokenizer,
                               callbacks=[monitor.callback()],
+                              checkpoint_hooks=[monitor.save_checkpoint_state],
                               ref_progress=lambda i, n: ctx.progress(i, n, "reference log-probs"))
         monitor.trainer = trainer
         from transformers.trainer_callback import PrinterCallback
@@ -162,12 +208,10 @@ def run(ctx: RunContext) -> StageVerdict:
         cache = {"hit": trainer.ref_cache_hit, "path": str(getattr(trainer, "ref_cache_path", "")),
                  "precompute_seconds": trainer.ref_cache_seconds,
                  "method": trainer.ref_precompute_method}
-        ckpts = sorted((out / "checkpoints").glob("checkpoint-*"),
-                       key=lambda p: int(p.name.split("-")[-1]))
         timings["ref_precompute"] = trainer.ref_cache_seconds  # 0.0 on a cache hit
         timings["trainer_init"] = time.perf_counter() - t0 - timings["ref_precompute"]
         t_train = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.perf_counter() - t0
         timings["kl_checks"] = monitor.check_seconds
         timings["train"] = time.perf_counter() - t_train - monitor.check_seconds
@@ -192,6 +236,15 @@ def run(ctx: RunContext) -> StageVerdict:
     if d.lora:
         model = model.merge_and_unload()
     handle = type(ref)(model=model, tokenizer=ref.tokenizer, device=ref.device, source="dpo")
+
+    # the gates: the selected model on held-out rows outside the probe
+    ctx.progress(0, None, "held-out gates: sampling from the selected model")
+    with _phase(timings, "heldout_gates"):
+        held = measure_heldout(backend, handle, ref, prompts=gate_prompts, pairs=gate_pairs,
+                               beta=d.beta, max_new_tokens=cfg.kl_monitor.gate_max_new_tokens,
+                               seed=cfg.seed, batch_size=cfg.kl_monitor.batch_size,
+                               max_length=d.max_length)
+
     saved = out / "model"
     if is_main_process():
         with _phase(timings, "save"):
@@ -216,23 +269,18 @@ def run(ctx: RunContext) -> StageVerdict:
     for a in monitor.actions:
         warnings.append(f"KL breach at step {a['step']} (KL {a['kl']:.4f} > {threshold:g}): "
                         f"{a['action']}")
+    warnings.extend(monitor.warnings)
 
-    n_probe = len(probe)
-    gates: list[GateResult] = [
-        ctx.thresholds.evaluate(
-            "kl_divergence", final["kl"],
-            detail=f"step {final['step']}: mean per-token KL on {n_probe} probe responses"
-                   + (f" (sequence sum mean {final['kl_sequence_mean']:.4f} nats)"
-                      if final.get("kl_sequence_mean") is not None else " (the reference, from stage 3)")),
-        ctx.thresholds.evaluate(
-            "reward_margin", final["heldout_margin"], ci95=tuple(final["heldout_margin_ci95"]),
-            detail=f"step {final['step']}: mean held-out DPO implicit reward margin (beta "
-                   f"{d.beta}) on {n_probe} pairs; accuracy {final['heldout_accuracy']:.2f}"),
-    ]
+    gates: list[GateResult] = [_kl_gate(ctx, held, final, len(heldout_rest), len(probe)),
+                               _margin_gate(ctx, held, final, d.beta, len(heldout_rest), len(probe))]
     steps_per_s = trainer.state.global_step / train_seconds if train_seconds > 0 else None
     findings = {
         "checks": monitor.checks, "breach_actions": monitor.actions,
         "selected_step": final["step"], "global_step": trainer.state.global_step,
+        "heldout_gates": {**held, "probe_pairs": len(probe), "heldout_outside_probe": len(heldout_rest),
+                          "probe_check_at_selection": {k: final.get(k) for k in (
+                              "kl", "kl_sequence_mean", "heldout_margin", "heldout_accuracy")}},
+        "resumed_from_step": monitor.resumed_from,
         "length_probe": {"reference_words": ref_len, "policy_words": pol_len},
         "ref_logp_cache": cache,
         "lm_head_positions": trainer.lm_head_positions,
@@ -246,3 +294,39 @@ def run(ctx: RunContext) -> StageVerdict:
                      "metrics": str(ctx.rundir.metrics_path(NAME))}
     findings["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return make_verdict(NAME, gates, ctx.thresholds, findings, artifacts, warnings)
+
+
+def _none_outside(n_outside: int, n_probe: int) -> str:
+    return (f"no held-out pair outside the KL probe ({n_probe} pairs, {n_outside} after it with "
+            "another prompt): the gate would reread the set the checkpoint was selected on. Raise "
+            "heldout.min_pairs / heldout.fraction or lower kl_monitor.probe_size")
+
+
+def _kl_gate(ctx: RunContext, held: dict[str, Any], final: dict[str, Any], n_outside: int,
+             n_probe: int) -> GateResult:
+    """kl_divergence: per-token KL along responses sampled from the selected model."""
+    s, tf = held["sampled"], held["teacher_forced"]
+    if s is None:
+        return ctx.thresholds.evaluate("kl_divergence", None, detail=_none_outside(n_outside, n_probe))
+    beside = (f"; teacher-forced on {tf['pairs']} held-out chosen responses {tf['kl']:.4f}"
+              if tf else "")
+    return ctx.thresholds.evaluate(
+        "kl_divergence", s["kl"],
+        detail=f"selected model (step {final['step']}): mean per-token KL(policy || reference), exact "
+               f"over the vocabulary, along {s['tokens']} tokens of responses sampled from the policy "
+               f"(temperature 1, seed {s['seed']}, at most {s['max_new_tokens']} tokens) for "
+               f"{s['prompts']} held-out prompts outside the KL probe; sequence sum mean "
+               f"{s['kl_sequence_mean']:.4f} nats{beside}; probe check at selection {final['kl']:.4f}")
+
+
+def _margin_gate(ctx: RunContext, held: dict[str, Any], final: dict[str, Any], beta: float,
+                 n_outside: int, n_probe: int) -> GateResult:
+    """reward_margin: mean implicit reward margin of the selected model on held-out pairs."""
+    m = held["margin"]
+    if m is None:
+        return ctx.thresholds.evaluate("reward_margin", None, detail=_none_outside(n_outside, n_probe))
+    return ctx.thresholds.evaluate(
+        "reward_margin", m["mean"], ci95=(m["ci95"][0], m["ci95"][1]),
+        detail=f"selected model (step {final['step']}): mean DPO implicit reward margin (beta {beta}) "
+               f"on {m['pairs']} held-out pairs outside the KL probe; accuracy {m['accuracy']:.2f}; "
+               f"on the probe at selection {final['heldout_margin']:.4f}")

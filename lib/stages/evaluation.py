@@ -21,8 +21,9 @@ What runs (docs/evaluation-monitoring.md says the same):
   first, since stage 5 selected its checkpoint on the probe). Each prompt is judged:
 
   - by the **verifier** when its row carries a ``reference`` answer
-    (:func:`realign.verifiers.verify_answer`: a numeric reference must equal the response's last number;
-    a text reference must appear in the response as whole words, case-insensitive);
+    (:func:`realign.verifiers.verify_answer`: the response's final answer is extracted
+    and compared whole with the reference, a number as a number, math expressions by
+    equivalence through math-verify, text after normalization);
     correct vs wrong is a win (or loss), both right or both wrong a tie;
   - else by the **stage-4 reward model**: r(prompt, policy) vs r(prompt, baseline),
     higher wins, identical responses or equal rewards tie;
@@ -33,7 +34,8 @@ What runs (docs/evaluation-monitoring.md says the same):
   ``unmeasured``.
 * **Decision** (findings ``decision``, ``reasons``): ``deploy`` when every gate passes,
   else ``reject`` with one reason per failed or unmeasured gate (unmeasured never counts
-  as a pass). Deploy writes ``deployed_model.json`` in the run directory. On a reject
+  as a pass). Deploy writes the model card (:mod:`realign.model_card`: ``README.md`` in
+  the stage-5 model folder) and then ``deployed_model.json`` in the run directory. On a reject
   with ``evaluation.rollback_on_regression: true``, the pipeline runs
   :func:`realign.rollback.rollback` at once (same as ``realign rollback RUN``).
 
@@ -56,6 +58,20 @@ from ..gates import StageVerdict, make_verdict
 from .context import RunContext
 
 NAME = "evaluation"
+
+
+def model_card(ctx: RunContext, verdict: StageVerdict, policy: Any) -> Any:
+    """Write the deployed policy's model card (:func:`realign.model_card.write_model_card`,
+    before ``deployed_model.json`` points at it); a failure is a warning on the verdict,
+    never a failed stage. Returns the card's path, or None."""
+    from ..model_card import write_model_card
+
+    try:
+        return write_model_card(ctx.run_dir, model=policy, source="stage 5 selected model",
+                                decided_by="stage 7", evaluation=verdict)
+    except Exception as e:  # noqa: BLE001 - the deploy stands without its card
+        verdict.warnings.append(f"model card not written: {type(e).__name__}: {e}")
+        return None
 
 
 def run(ctx: RunContext) -> StageVerdict:
@@ -85,8 +101,11 @@ def run(ctx: RunContext) -> StageVerdict:
     warnings = list(a.warnings)
     verdict = make_verdict(NAME, a.gates, ctx.thresholds, findings, artifacts, warnings)
     if decision == "deploy" and is_main_process():
+        card = model_card(ctx, verdict, policy)
         ctx.rundir.write_deployed(policy, source="stage 5 selected model", decided_by="stage 7",
                                   gates=a.gates)
         verdict.artifacts["deployed_model"] = str(policy)
+        if card is not None:
+            verdict.artifacts["model_card"] = str(card)
     # A rejected policy is rolled back by the pipeline (evaluation.rollback_on_regression).
     return verdict

@@ -2,13 +2,22 @@
 
 The reference is the stage-1 model, frozen. The policy is a copy of it (full
 fine-tuning) or the same base with LoRA adapters (``dpo.lora``), whose zero-initialized
-``B`` matrices make it start equal to the reference. Gate ``initial_kl``: the mean
-per-token KL(π_θ ‖ π_ref) on the KL probe set (prompts + chosen responses of the first
-``kl_monitor.probe_size`` held-out pairs), computed with the same function the stage-5
-monitor uses (:func:`realign.metrics.per_token_kl` via
-:func:`realign.backends.trl.kl_on_probe`). It must be below 1e-4 (all presets): a larger
-value means the policy does not start at the reference (wrong weights, dropout left on,
-a template mismatch), and every later KL number would be meaningless.
+``B`` matrices make it start equal to the reference. Both are built by the functions
+below, which stage 5 calls too (:func:`load_reference`, :func:`build_policy`): same
+model, device, dtype, LoRA setting and dropout handling, so stage 3 measures the policy
+stage 5 starts training from.
+
+Gate ``initial_kl``: the mean per-token KL(π_θ ‖ π_ref) on the KL probe set (prompts +
+chosen responses of the first ``kl_monitor.probe_size`` held-out pairs), computed with
+the function the stage-5 monitor uses (:func:`realign.backends.trl.kl_on_probe`), with
+the policy in train mode, as the trainer's forward runs it (``as_trained``): a dropout
+left on in training shows here. It must be below 1e-4 (all presets): a larger value
+means the policy does not start at the reference (wrong weights, dropout left on, a
+template mismatch), and every later KL number would be meaningless.
+
+Also written: ``kl_probe.jsonl`` and the reference's statistics on it
+(``reference_probe.json`` + ``.safetensors``, :func:`realign.kl_probe.save_reference_probe`),
+recorded in the verdict relative to the run directory.
 """
 
 from __future__ import annotations
@@ -16,13 +25,17 @@ from __future__ import annotations
 from ..fileio import write_jsonl_atomic
 from ..gates import StageVerdict, make_verdict
 from ..kl_probe import probe_rows, save_reference_probe
-from .context import RunContext
+from .context import RunContext, build_policy, load_reference
 
 NAME = "reference_init"
+#: Where stage 3 writes the reference statistics, relative to its stage folder.
+REFERENCE_PROBE_FILE = "reference_probe.json"
 
 
 def run(ctx: RunContext) -> StageVerdict:
-    from ..backends.trl import TRLBackend, kl_on_probe, make_policy
+    import torch
+
+    from ..backends.trl import TRLBackend, kl_on_probe
     from ..backends.trl_train import quiet_hf
 
     quiet_hf()
@@ -31,26 +44,31 @@ def run(ctx: RunContext) -> StageVerdict:
     base = ctx.base_model()
     backend = TRLBackend()
     ctx.progress(0, None, "loading reference")
-    ref = backend.load(base, device=cfg.device)
-    ref.model.eval()
-    policy = make_policy(ref.model, cfg.dpo.lora)
+    ref = load_reference(ctx, backend, base)
+    policy = build_policy(ctx, ref.model)
     probe = probe_rows(ctx.artifacts("preference_data").heldout, cfg.kl_monitor.probe_size)
     write_jsonl_atomic(out / "kl_probe.jsonl", probe)
     ctx.progress(0, None, "measuring initial KL")
+    torch.manual_seed(cfg.seed)  # a dropout left on draws from the global RNG
     kl = kl_on_probe(policy, ref.model, [r["prompt"] for r in probe], [r["chosen"] for r in probe],
                      tokenizer=ref.tokenizer, batch_size=cfg.kl_monitor.batch_size,
-                     max_length=cfg.dpo.max_length)
+                     max_length=cfg.dpo.max_length, as_trained=True)
     ctx.progress(0, None, "reference probe statistics")
-    ref_probe = out / "reference_probe.pt"
+    ref_probe = out / REFERENCE_PROBE_FILE
     save_reference_probe(backend, ref, probe, ref_probe, max_length=cfg.dpo.max_length,
                          batch_size=cfg.kl_monitor.batch_size)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    dtype = str(next(policy.parameters()).dtype).replace("torch.", "")
     gates = [ctx.thresholds.evaluate(
         "initial_kl", kl.mean,
         detail=f"mean per-token KL over {sum(kl.counts)} completion tokens of {len(probe)} probe "
-               f"pairs; policy = {'LoRA on the reference' if cfg.dpo.lora else 'a copy of the reference'}")]
+               f"pairs; policy = {'LoRA on the reference' if cfg.dpo.lora else 'a copy of the reference'}"
+               f", built as stage 5 builds it ({ref.device.type}, {dtype}), measured in train mode")]
     artifacts = {"reference_model": base, "kl_probe": str(out / "kl_probe.jsonl"),
-                 "reference_probe": str(ref_probe), "initial_kl": kl.mean,
+                 "reference_probe": str(ref_probe.relative_to(ctx.run_dir)), "initial_kl": kl.mean,
                  "policy": "lora" if cfg.dpo.lora else "copy", "trainable_parameters": trainable}
-    findings = {"initial_kl_per_sequence": kl.per_sequence}
+    findings = {"initial_kl_per_sequence": kl.per_sequence,
+                "policy_build": {"lora": bool(cfg.dpo.lora), "device": ref.device.type, "dtype": dtype,
+                                 "mode": "train",
+                                 "disable_dropout": bool(cfg.dpo.extra.get("disable_dropout", True))}}
     return make_verdict(NAME, gates, ctx.thresholds, findings, artifacts)

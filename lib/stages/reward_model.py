@@ -130,6 +130,8 @@ def run(ctx: RunContext) -> StageVerdict:
         g = reward_gap(rows_c, rows_r, ids=None if rc.gap_pairs == "all" else range(1, n + 1))
         gates.append(ctx.thresholds.evaluate(
             "preference_gap", g.gap, ci95=g.ci95,
+            remedy_context={"negative_lines": g.negative if rc.gap_pairs == "heldout" else None,
+                            "negative_source": "stage 2's heldout.jsonl"},
             detail=(f"measured in stage 4 (stage 2 had no explicit scores) by the reward model on "
                     f"{scope}: mean of s(c) - s(r), s(y) = sigmoid(r(y) - r(y')) = "
                     f"tanh(margin/2); {len(g.negative)} pairs with a negative gap")
