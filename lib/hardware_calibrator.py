@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
@@ -330,15 +331,21 @@ def is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, (RuntimeError, MemoryError)) and (
         isinstance(exc, MemoryError) or "out of memory" in text
-        or "can't allocate memory" in text or "failed to allocate" in text)
+        or "can't allocate memory" in text or "failed to allocate" in text
+        or "insufficient memory" in text or "[metal::malloc]" in text)  # the last two: MLX
 
 
 def _free_memory(device: Any) -> None:
     import gc
 
+    gc.collect()
+    if device.type == "mlx":
+        import mlx.core as mx
+
+        mx.clear_cache()
+        return
     import torch
 
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     elif device.type == "mps":
@@ -520,7 +527,7 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
               max_seconds: float | None = None, target_effective_batch: int = 32,
               world_size: int | None = None, node_id: str | None = None,
               patience: int | None = None, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> CalibrationResult:
+              progress: Callable[[str], None] | None = None, backend: str = "trl") -> CalibrationResult:
     """Measure the DPO training throughput curve of ``model`` at ``seq_len`` tokens.
 
     Sweep b = 1, 2, 4, ... (see :data:`METHOD` for what one step is). Stops at the first
@@ -529,12 +536,24 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
     throughput has not risen by more than ``MIN_GAIN`` for ``patience`` + 1 consecutive
     sizes (patience: 0 in quick mode, 1 otherwise). Reuses the cached result for (this
     hardware, model, seq_len, device) unless ``refresh`` (a quick result does not stand
-    in for a full one).
+    in for a full one). ``backend="mlx"``: the same sweep with the MLX trainer
+    (:mod:`realign.backends.mlx_dpo`), cached separately (device ``mlx-cpu``/``mlx-gpu``).
     """
     import tempfile
 
-    from .backends.trl import TRLBackend, make_policy, pick_device
-    from .backends.trl_train import quiet_hf
+    mlx = backend == "mlx"
+    if mlx:
+        from .backends import mlx_dpo  # noqa: F401 - raises MissingDependencyError without mlx
+
+        dev: Any = mlx_calibration_device(device)
+        run_batch: Callable[..., CurvePoint] = mlx_calibration_point
+    elif backend in ("trl", "torch", "pytorch"):
+        from .backends.trl import TRLBackend, make_policy, pick_device
+        from .backends.trl_train import quiet_hf
+
+        dev, run_batch = pick_device(device), _run_batch
+    else:
+        raise InputError(f"unknown backend {backend!r}: expected trl or mlx", field="backend")
 
     if seq_len < 8:
         raise InputError(f"sequence length must be ≥ 8, got {seq_len}", field="seq_len")
@@ -544,7 +563,6 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
     patience = (0 if quick else 1) if patience is None else patience
     say = progress or (lambda msg: None)
     hw = detect_hardware()
-    dev = pick_device(device)
     path = cache_path(hw, model, seq_len, str(dev))
     if path.exists() and not refresh:
         try:
@@ -558,18 +576,19 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
                                                  "node_id": node_id or cached.node_id})
         except (ValidationError, ValueError):
             pass  # unreadable: measure again
-    quiet_hf()
-
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     t_start = time.perf_counter()
-    backend = TRLBackend()
     say(f"loading {model} on {dev}")
-    ref = backend.load(model, device=str(dev))
-    for p in ref.model.parameters():
-        p.requires_grad_(False)
-    policy = make_policy(ref.model, None)
-    n_params = sum(p.numel() for p in policy.parameters())
-    dtype = str(next(policy.parameters()).dtype)
+    if mlx:
+        ref, policy, n_params, dtype = mlx_calibration_models(model, dev)
+    else:
+        quiet_hf()
+        ref = TRLBackend().load(model, device=str(dev))
+        for p in ref.model.parameters():
+            p.requires_grad_(False)
+        policy = make_policy(ref.model, None)
+        n_params = sum(p.numel() for p in policy.parameters())
+        dtype = str(next(policy.parameters()).dtype)
     points: list[CurvePoint] = []
     best = 0.0
     flat = 0
@@ -589,8 +608,8 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
                 break
             say(f"batch size {b}: {warmup} warm-up + {steps} measured steps")
             try:
-                pt = _run_batch(policy, ref.tokenizer, dev, b, seq_len, warmup, steps,
-                                Path(tmp), seed)
+                pt = run_batch(policy, ref.tokenizer, dev, b, seq_len, warmup, steps,
+                               Path(tmp), seed)
             except Exception as e:  # noqa: BLE001 - OOM is the expected way out
                 if not is_oom(e):
                     raise
@@ -625,10 +644,11 @@ def calibrate(model: str = "default", *, seq_len: int = 256, device: str | None 
         model_source=str(backend_source(model)), model_params=n_params,
         dtype=dtype,
         device=str(dev), seq_len=seq_len, quick=quick, warmup_steps=warmup,
-        measure_steps=steps, method=METHOD, points=points, stop_reason=stop, peak=peak,
+        measure_steps=steps, method=MLX_CALIBRATION_METHOD if mlx else METHOD, points=points, stop_reason=stop, peak=peak,
         recommended_batch_size=rec, seconds=time.perf_counter() - t_start,
         load_average=load, created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-        versions=package_versions(CALIBRATION_PACKAGES, python=False))
+        versions=package_versions(CALIBRATION_PACKAGES + (("mlx", "mlx-lm") if mlx else ()),
+                                  python=False))
     _finish(result, target_effective_batch, world_size or _default_world(hw, dev))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, result.model_dump_json(by_alias=True, indent=2))
@@ -955,3 +975,86 @@ def write_accelerate_config(path: str | Path, plan: LaunchPlan) -> Path:
     header = (f"# written by `realign calibrate`: {plan.strategy} — {plan.reason}\n")
     write_text_atomic(p, header + yaml.safe_dump(plan.config, sort_keys=True))
     return p
+
+
+# ---------------------------------------------------------------- batch-size calibration
+# (``realign calibrate --backend mlx``: :func:`calibrate` runs its sweep with these in place
+# of the TRL trainer; mlx is imported inside them, so this module needs no mlx)
+
+MLX_CALIBRATION_METHOD = (
+    "real DPO steps of realign.backends.mlx_dpo.MLXDPOTrainer (MLX, float32), full fine-tuning "
+    "of a policy copy beside the frozen reference, on synthetic pairs whose chosen and "
+    "rejected sequences are seq_len tokens each. The reference log-probs are constants "
+    "(the trainer precomputes them before training, so its steps never run the reference); "
+    "the loss values are therefore meaningless, the compute per step is the trainer's. "
+    "examples/s = batch size × measured steps ÷ their summed wall time (after warm-up "
+    "steps); one example = one preference pair."
+)
+
+
+@dataclass
+class MLXDevice:
+    """The device of an MLX calibration: ``type`` is "mlx"; ``str()`` names the chip side."""
+
+    kind: str  # "cpu" or "gpu"
+    type: str = "mlx"
+
+    def __str__(self) -> str:
+        return f"mlx-{self.kind}"
+
+
+def mlx_calibration_device(device: str | None) -> MLXDevice:
+    from .backends.mlx import pick_device
+
+    return MLXDevice(kind=pick_device(device))
+
+
+def mlx_calibration_models(model: str, device: MLXDevice) -> tuple[Any, Any, int, str]:
+    """(reference, full-fine-tuning policy, parameter count, dtype) for a calibration."""
+    from mlx.utils import tree_flatten
+
+    from .backends.mlx import MLXBackend, make_policy
+
+    ref = MLXBackend().load(model, device=device.kind)
+    policy = make_policy(ref, None)
+    n_params = int(sum(v.size for _, v in tree_flatten(policy.model.parameters())))
+    return ref, policy, n_params, ref.dtype
+
+
+def mlx_calibration_point(policy: Any, tokenizer: Any, device: MLXDevice, batch_size: int,
+                      seq_len: int, warmup: int, steps: int, workdir: Path, seed: int) -> Any:
+    """Train ``warmup + steps`` optimizer steps at ``batch_size``; time the last ``steps``
+    (a :class:`CurvePoint`)."""
+    import resource
+    import sys
+
+    import mlx.core as mx
+
+    from .backends.base import DPOSettings
+    from .backends.mlx_dpo import MLXDPOTrainer
+
+    total = warmup + steps
+    rows = synthetic_pairs(tokenizer, seq_len, batch_size * total, seed=seed)
+    zeros = [0.0] * len(rows)
+    settings = DPOSettings(beta=0.1, learning_rate=1e-6, per_device_batch_size=batch_size,
+                           max_steps=total, max_length=seq_len, seed=seed)
+    reset = getattr(mx, "reset_peak_memory", None)
+    if reset:
+        reset()
+    tr = MLXDPOTrainer(policy, None, rows, settings, ref_logps=(zeros, zeros), use_cache=False)
+    tr.train()
+    measured = tr.step_seconds[warmup:total]
+    if len(measured) < steps:
+        return CurvePoint(batch_size=batch_size, status="error",
+                          detail=f"only {len(tr.step_seconds)} of {total} steps ran")
+    peak = getattr(mx, "get_peak_memory", lambda: 0)()
+    if peak:
+        mem, src = peak / 2**30, "mx.get_peak_memory (peak)"
+    else:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        mem = kb * (1 if sys.platform == "darwin" else 1024) / 2**30
+        src = "process peak RSS (ru_maxrss, never decreases)"
+    return CurvePoint(batch_size=batch_size, status="ok",
+                      examples_per_s=batch_size * len(measured) / sum(measured),
+                      step_ms=sorted(measured)[len(measured) // 2] * 1000,
+                      step_ms_all=[t * 1000 for t in measured], memory_gb=mem, memory_source=src)

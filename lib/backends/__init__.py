@@ -1,28 +1,58 @@
 """Training-framework backends behind one protocol (:mod:`realign.backends.base`).
 
-``get_backend("trl")`` imports the PyTorch backend lazily, so importing
-``realign.backends`` never needs torch.
+``get_backend("trl")`` imports the PyTorch backend lazily and ``get_backend("mlx")`` the
+MLX one, so importing ``realign.backends`` needs neither torch nor mlx.
 """
 
 from __future__ import annotations
 
+import platform
+import sys
+from importlib.util import find_spec
 from typing import Any
 
 from .base import Backend, DPOSettings, KLResult, LogProbs
 
-__all__ = ["Backend", "DPOSettings", "KLResult", "LogProbs", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "DPOSettings", "KLResult", "LogProbs", "default_backend_name",
+           "get_backend", "mlx_installed"]
+
+#: Backend names ``get_backend`` accepts ("auto": :func:`default_backend_name`).
+BACKENDS = ("trl", "mlx", "auto")
+
+
+def mlx_installed() -> bool:
+    """True when both ``mlx`` and ``mlx_lm`` can be imported (nothing is imported here)."""
+    try:
+        return find_spec("mlx") is not None and find_spec("mlx_lm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def default_backend_name() -> str:
+    """``"mlx"`` on Apple Silicon (macOS on arm64) when mlx and mlx-lm are installed,
+    else ``"trl"``. (mlx also runs on Linux CPUs, where the PyTorch backend stays the
+    default: MLX is chosen automatically only where it is the native framework.)"""
+    if sys.platform == "darwin" and platform.machine() == "arm64" and mlx_installed():
+        return "mlx"
+    return "trl"
 
 
 def get_backend(name: str = "trl") -> Any:
-    """An instance of the named backend: ``"trl"`` (PyTorch). ``"mlx"`` is not built yet."""
+    """An instance of the named backend: ``"trl"`` (PyTorch: transformers + TRL + PEFT),
+    ``"mlx"`` (mlx + mlx-lm) or ``"auto"`` (:func:`default_backend_name`). A backend
+    whose packages are missing raises ``MissingDependencyError`` with the install command."""
+    if name == "auto":
+        name = default_backend_name()
     if name in ("trl", "torch", "pytorch"):
         from .trl import TRLBackend
 
         return TRLBackend()
     if name == "mlx":
-        from ..errors import MissingDependencyError
+        from .mlx import (
+            MLXBackend,  # raises MissingDependencyError without mlx / mlx-lm
+        )
 
-        raise MissingDependencyError("the MLX backend is not built yet; use backend 'trl'")
+        return MLXBackend()
     from ..errors import InputError
 
-    raise InputError(f"unknown backend {name!r}: expected 'trl'", field="backend")
+    raise InputError(f"unknown backend {name!r}: expected 'trl', 'mlx' or 'auto'", field="backend")

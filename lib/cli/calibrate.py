@@ -57,7 +57,8 @@ def _curve_table(res: Any) -> Table:
 def calibrate(
     model: Annotated[Optional[str], typer.Option(help="model to calibrate: 'default', a path or hub id")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence (prompt + response), as dpo.max_length")] = 256,
-    device: Annotated[Optional[str], typer.Option(help="cuda, cuda:N, mps or cpu (default: the best available)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda, cuda:N, mps or cpu (default: the best available); with --backend mlx: gpu or cpu")] = None,
+    backend: Annotated[str, typer.Option(help="trainer to measure: trl (PyTorch), mlx (Apple Silicon; mlx[cpu] on Linux) or auto (mlx on Apple Silicon when installed, else trl)")] = "auto",
     quick: Annotated[bool, typer.Option("--quick", help="fewer steps, a 2-minute budget, batch ≤ 64")] = False,
     refresh: Annotated[bool, typer.Option("--refresh", help="measure again even if a cached calibration exists")] = False,
     max_batch: Annotated[Optional[int], typer.Option(help="largest batch size to try")] = None,
@@ -86,6 +87,11 @@ def calibrate(
         fail_input("calibration files are read only with --distribute")
     if sharding not in ("fsdp", "deepspeed"):
         fail_input(f"--sharding must be fsdp or deepspeed, got '{sharding}'")
+    from ..backends import BACKENDS, default_backend_name
+
+    if backend not in BACKENDS:
+        fail_input(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    backend_name = default_backend_name() if backend == "auto" else backend
     for name, v in (("--seq-len", seq_len), ("--target-batch", target_batch),
                     ("--num-machines", num_machines)):
         if v < 1:
@@ -119,7 +125,7 @@ def calibrate(
             result = hc.calibrate(model, seq_len=seq_len, device=device, quick=quick,
                                   refresh=refresh, max_batch=max_batch, max_seconds=max_seconds,
                                   target_effective_batch=target_batch, world_size=world_size,
-                                  node_id=node_id, progress=show)
+                                  node_id=node_id, progress=show, backend=backend_name)
             if output:
                 output.parent.mkdir(parents=True, exist_ok=True)
                 output.write_text(result.model_dump_json(by_alias=True, indent=2), encoding="utf-8")

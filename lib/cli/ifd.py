@@ -22,7 +22,8 @@ def ifd(
     write: Annotated[Optional[Path], typer.Option(help="write the kept examples here, in the input's format")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 16,
     max_length: Annotated[int, typer.Option(help="tokens per sequence (longer answers are cut)")] = 512,
-    device: Annotated[Optional[str], typer.Option(help="cuda, mps or cpu (default: the best available)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda, mps or cpu (default: the best available); with --backend mlx: gpu or cpu")] = None,
+    backend: Annotated[str, typer.Option(help="trl (PyTorch), mlx (Apple Silicon; mlx[cpu] on Linux) or auto (mlx on Apple Silicon when installed, else trl)")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object: report and per-example scores")] = False,
 ) -> None:
     """IFD = PPL(answer | instruction) ÷ PPL(answer) per example, and its distribution."""
@@ -34,19 +35,24 @@ def ifd(
         fail_input("--top-k must be ≥ 0")
     if batch_size < 1 or max_length < 2:
         fail_input("--batch-size must be ≥ 1 and --max-length ≥ 2")
-    try:
-        from ..backends.trl import TRLBackend
-        from ..backends.trl_train import quiet_hf
+    from ..backends import BACKENDS, default_backend_name, get_backend
 
+    if backend not in BACKENDS:
+        fail_input(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    name = default_backend_name() if backend == "auto" else backend
+    try:
         examples, fmt, raw = read_examples(data)
         if not examples:
             raise InputError("no examples", file=data)
-        quiet_hf()
-        backend = TRLBackend()
-        handle = backend.load(model, device=device)
+        if name == "trl":
+            from ..backends.trl_train import quiet_hf
+
+            quiet_hf()
+        be = get_backend(name)
+        handle = be.load(model, device=device)
         with _progress(len(examples), err.is_terminal and not as_json) as cb:
             res = ifd_scores(handle, [e.prompt for e in examples], [e.answer for e in examples],
-                             batch_size=batch_size, max_length=max_length, backend=backend,
+                             batch_size=batch_size, max_length=max_length, backend=be,
                              progress=cb)
     except InputError as e:
         fail_input(str(e))
@@ -55,7 +61,7 @@ def ifd(
         fail_input(str(e))
         raise
     report = ifd_report(res.ifd)
-    result: dict[str, object] = {"data": str(data), "model": handle.source,
+    result: dict[str, object] = {"data": str(data), "model": handle.source, "backend": name,
                                  "report": report.model_dump(), "scores": res.ifd,
                                  "lines": [e.line for e in examples]}
     if write is not None:

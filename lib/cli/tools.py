@@ -1,7 +1,8 @@
 """``realign kl``: KL(policy ‖ reference) of two saved models on a probe file, gated.
 
 A thin adapter over :func:`realign.backends.trl.kl_between` (the MCP tool
-``compute_kl`` calls the same function). Exit codes: 0 the ``kl_divergence`` gate
+``compute_kl`` calls the same function), or :func:`realign.backends.mlx.kl_between`
+with ``--backend mlx``. Exit codes: 0 the ``kl_divergence`` gate
 passes, 1 it fails, 2 bad input, 3 unmeasured.
 """
 
@@ -27,7 +28,8 @@ def kl(
     max_examples: Annotated[int, typer.Option(help="first N pairs of the probe file")] = 64,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     max_length: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
-    device: Annotated[Optional[str], typer.Option(help="cuda, mps or cpu (default: the best available)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda, mps or cpu (default: the best available); with --backend mlx: gpu or cpu")] = None,
+    backend: Annotated[str, typer.Option(help="trl (PyTorch), mlx (Apple Silicon; mlx[cpu] on Linux) or auto (mlx on Apple Silicon when installed, else trl)")] = "auto",
     preset: Annotated[str, typer.Option(help="threshold preset: relaxed, standard, strict")] = "standard",
     threshold: Annotated[Optional[list[str]], typer.Option("--threshold", help="override one gate: NAME=VALUE (repeatable)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -38,11 +40,19 @@ def kl(
         fail_input(f"--completion must be chosen or rejected, got '{completion}'")
     if max_examples < 1 or batch_size < 1 or max_length < 8:
         fail_input("--max-examples and --batch-size must be ≥ 1, --max-length ≥ 8")
-    from ..backends.trl import kl_between
-    from ..backends.trl_train import quiet_hf
+    from ..backends import BACKENDS, default_backend_name
 
-    quiet_hf()
+    if backend not in BACKENDS:
+        fail_input(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    name = default_backend_name() if backend == "auto" else backend
     try:
+        if name == "mlx":
+            from ..backends.mlx import kl_between
+        else:
+            from ..backends.trl import kl_between
+            from ..backends.trl_train import quiet_hf
+
+            quiet_hf()
         res = kl_between(policy, probe, reference, completion=completion,
                          max_examples=max_examples, batch_size=batch_size,
                          max_length=max_length, device=device, thresholds=t)
