@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import yaml
 from realign.cli import app
 from realign.config import RunConfig, load_config
 from typer.testing import CliRunner
+from mcp_helpers import call, call_error, poll  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "examples" / "pairs.jsonl"
@@ -166,30 +166,6 @@ def client(server: Any) -> Any:
     from mcp import Client
 
     return Client(server)
-
-
-async def call(c: Any, name: str, args: dict[str, Any]) -> Any:
-    res = await c.call_tool(name, args)
-    assert not res.is_error, res.content
-    return res.structured_content
-
-
-async def call_error(c: Any, name: str, args: dict[str, Any]) -> str:
-    res = await c.call_tool(name, args)
-    assert res.is_error, res.structured_content
-    return res.content[0].text  # type: ignore[union-attr]
-
-
-async def poll(c: Any, run: str, until: Callable[[dict[str, Any]], bool],
-               timeout: float = 60) -> dict[str, Any]:
-    import anyio
-
-    with anyio.fail_after(timeout):
-        while True:
-            res = await c.call_tool("run_status", {"run": run})
-            if not res.is_error and until(res.structured_content):
-                return res.structured_content  # type: ignore[return-value]
-            await anyio.sleep(0.05)
 
 
 @pytest.mark.anyio

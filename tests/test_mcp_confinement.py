@@ -31,6 +31,7 @@ from realign.config import RunConfig, load_config  # noqa: E402
 from realign.errors import InputError  # noqa: E402
 from realign_mcp.paths import PathNotAllowed, PathPolicy  # noqa: E402
 from realign_mcp.server import build_server  # noqa: E402
+from mcp_helpers import call, call_error  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -50,18 +51,6 @@ def config(folder: Path, name: str = "run.yaml", **extra: Any) -> Path:
     p = folder / name
     p.write_text(json.dumps(cfg))  # JSON is YAML
     return p
-
-
-async def call(c: Client, name: str, args: dict[str, Any]) -> Any:
-    res = await c.call_tool(name, args)
-    assert not res.is_error, res.content
-    return res.structured_content
-
-
-async def call_error(c: Client, name: str, args: dict[str, Any]) -> str:
-    res = await c.call_tool(name, args)
-    assert res.is_error, res.structured_content
-    return res.content[0].text  # type: ignore[union-attr]
 
 
 def tree(folder: Path) -> set[str]:

@@ -34,6 +34,7 @@ pytest.importorskip("realign.pipeline")
 from realign import pipeline  # noqa: E402
 from realign_mcp.jobs import JobManager  # noqa: E402
 from realign_mcp.server import build_server  # noqa: E402
+from mcp_helpers import call, call_error, poll  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -54,29 +55,6 @@ def config(tmp_path: Path, **extra: Any) -> Path:
     p = tmp_path / "run.yaml"
     p.write_text(json.dumps(cfg))
     return p
-
-
-async def call(c: Client, name: str, args: dict[str, Any]) -> Any:
-    res = await c.call_tool(name, args)
-    assert not res.is_error, res.content
-    return res.structured_content
-
-
-async def call_error(c: Client, name: str, args: dict[str, Any]) -> str:
-    res = await c.call_tool(name, args)
-    assert res.is_error, res.structured_content
-    return res.content[0].text  # type: ignore[union-attr]
-
-
-async def poll(c: Client, run: str, until: Callable[[dict[str, Any]], bool],
-               timeout: float = 60) -> dict[str, Any]:
-    """run_status until ``until`` holds (a run not created yet is waited for too)."""
-    with anyio.fail_after(timeout):
-        while True:
-            res = await c.call_tool("run_status", {"run": run})
-            if not res.is_error and until(res.structured_content):
-                return res.structured_content  # type: ignore[return-value]
-            await anyio.sleep(0.05)
 
 
 def raising(exc: BaseException) -> Callable[[Any], Any]:

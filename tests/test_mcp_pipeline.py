@@ -21,6 +21,7 @@ pytest.importorskip("realign.pipeline")
 from realign_mcp.jobs import JobManager  # noqa: E402
 from realign_mcp.paths import PathPolicy  # noqa: E402
 from realign_mcp.server import build_server  # noqa: E402
+from mcp_helpers import call  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -40,12 +41,6 @@ def config(tmp_path: Path, **extra: Any) -> Path:
     p = tmp_path / "run.yaml"
     p.write_text(json.dumps(cfg))  # JSON is YAML
     return p
-
-
-async def call(c: Client, name: str, args: dict[str, Any], **kw: Any) -> Any:
-    res = await c.call_tool(name, args, **kw)
-    assert not res.is_error, res.content
-    return res.structured_content
 
 
 async def test_run_pipeline_blocking_with_progress(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from realign_mcp.skills import (  # noqa: E402
     ListSkillsResult,
     load_skill,
 )
+from mcp_helpers import call, call_error  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -55,18 +56,6 @@ def row(i: int, **kw: Any) -> dict[str, Any]:
          "rejected": f"A worse and much longer answer, number {i}, that rambles."}
     r.update(kw)
     return r
-
-
-async def call(client: Client, name: str, args: dict[str, Any]) -> Any:
-    res = await client.call_tool(name, args)
-    assert not res.is_error, res.content
-    return res.structured_content
-
-
-async def call_error(client: Client, name: str, args: dict[str, Any]) -> str:
-    res = await client.call_tool(name, args)
-    assert res.is_error, res.structured_content
-    return res.content[0].text  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- tools

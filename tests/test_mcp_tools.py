@@ -15,6 +15,7 @@ from mcp import Client  # noqa: E402
 
 from realign.gates import Thresholds, make_verdict  # noqa: E402
 from realign_mcp.server import build_server  # noqa: E402
+from mcp_helpers import call, call_error  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -49,18 +50,6 @@ def one_thread():
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-async def call(c: Client, name: str, args: dict[str, Any], **kw: Any) -> Any:
-    res = await c.call_tool(name, args, **kw)
-    assert not res.is_error, res.content
-    return res.structured_content
-
-
-async def call_error(c: Client, name: str, args: dict[str, Any]) -> str:
-    res = await c.call_tool(name, args)
-    assert res.is_error, res.structured_content
-    return res.content[0].text  # type: ignore[union-attr]
 
 
 def recorder() -> tuple[list[tuple[float, float | None, str | None]], Any]:
