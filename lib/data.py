@@ -148,6 +148,67 @@ def detect_format(path: Path) -> Format:
         "or a folder saved with datasets' save_to_disk", file=path)
 
 
+@dataclass
+class RowFile:
+    """A small row file read whole: its format, the rows, each row's 1-based line (JSONL:
+    physical line; JSON array / Parquet: row index + 1), and the raw rows to write a subset
+    back unchanged (JSONL: the original lines; JSON: the objects; Parquet: ``[table]``)."""
+
+    format: str
+    rows: list[Any]
+    lines: list[int]
+    raw: list[Any]
+
+
+def read_row_file(path: str | Path) -> RowFile:
+    """Read a JSONL, JSON-array or Parquet file of rows (SFT, IFD, verifier data) with
+    file:line errors: invalid UTF-8 (the line of the byte), invalid JSON (its line), a
+    JSON document that is not an array, an unreadable Parquet file. For preference pairs
+    at scale use :class:`PairSource` (streaming, typed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("file not found" if not p.exists() else "not a file", file=p)
+    fmt = detect_format(p)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types
+            raise InputError(f"cannot read Parquet: {e}", file=p) from None
+        rows = table.to_pylist()
+        return RowFile(fmt, rows, list(range(1, len(rows) + 1)), [table])
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"invalid UTF-8 byte 0x{raw[e.start]:02x}", file=p,
+                         line=raw.count(b"\n", 0, e.start) + 1) from None
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"invalid JSON: {e.msg}", file=p, line=e.lineno) from None
+        except RecursionError:
+            raise InputError("JSON nested too deeply", file=p) from None
+        if not isinstance(data, list):
+            raise InputError("expected a JSON array of rows", file=p, line=1)
+        return RowFile(fmt, data, list(range(1, len(data) + 1)), data)
+    rows, lines, kept = [], [], []
+    for i, ln in enumerate(text.split("\n"), start=1):
+        if not ln.strip():
+            continue
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=p, line=i) from None
+        except RecursionError:
+            raise InputError("JSON nested too deeply", file=p, line=i) from None
+        lines.append(i)
+        kept.append(ln)
+    return RowFile(fmt, rows, lines, kept)
+
+
 class PairSource:
     """A preference-data source. Iterate :meth:`blocks` to stream it.
 

@@ -35,7 +35,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .config import DEFAULT_MAX_LENGTH
-from .data import detect_format
+from .data import read_row_file
 from .errors import InputError
 from .fileio import atomic_path
 
@@ -280,46 +280,9 @@ def read_examples(path: str | Path) -> tuple[list[Example], str, list[Any]]:
     so :func:`write_subset` can write kept rows back unchanged.
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError("file not found", file=p)
-    fmt = detect_format(p)  # the preference reader's rule: extension, then content
-    examples: list[Example] = []
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(p)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types
-            raise InputError(f"cannot read Parquet: {e}", file=p) from None
-        for i, row in enumerate(table.to_pylist(), start=1):
-            examples.append(example_from_row(row, str(p), i))
-        return examples, fmt, [table]
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"invalid UTF-8 byte 0x{raw[e.start]:02x}", file=p,
-                         line=raw.count(b"\n", 0, e.start) + 1) from None
-    if fmt == "json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON: {e.msg}", file=p, line=e.lineno) from None
-        for i, row in enumerate(rows, start=1):
-            examples.append(example_from_row(row, str(p), i))
-        return examples, fmt, rows
-    lines = text.split("\n")
-    kept: list[Any] = []
-    for i, ln in enumerate(lines, start=1):
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON: {e.msg}", file=p, line=i) from None
-        examples.append(example_from_row(row, str(p), i))
-        kept.append(ln)
-    return examples, fmt, kept
+    f = read_row_file(p)  # the preference reader's format rule: extension, then content
+    examples = [example_from_row(row, str(p), i) for row, i in zip(f.rows, f.lines)]
+    return examples, f.format, f.raw
 
 
 def write_subset(out: str | Path, fmt: str, raw: list[Any], keep: Sequence[int]) -> Path:

@@ -26,7 +26,6 @@ mathematical and ``math-verify`` is installed, else exact). :func:`verify_rows` 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -586,48 +585,14 @@ def _reason_key(reason: str) -> str:
 def read_verify_rows(path: str | Path) -> tuple[list[Any], list[int]]:
     """(rows, line numbers) of a JSONL (physical lines), JSON array or Parquet file
     (row index + 1). Raises :class:`~realign.errors.InputError` naming file and line."""
-    from .data import detect_format
+    from .data import detect_format, read_row_file
 
     p = Path(path)
-    if not p.exists():
-        raise InputError("file not found", file=p)
-    fmt = detect_format(p)
-    if fmt == "dataset":
+    if p.is_dir() and detect_format(p) == "dataset":
         raise InputError("a saved datasets folder: export it to .jsonl or .parquet for "
                          "realign verify", file=p)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(p).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types
-            raise InputError(f"cannot read Parquet: {e}", file=p) from None
-        return rows, list(range(1, len(rows) + 1))
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"invalid UTF-8 byte 0x{raw[e.start]:02x}", file=p,
-                         line=raw.count(b"\n", 0, e.start) + 1) from None
-    if fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON: {e.msg}", file=p, line=e.lineno) from None
-        if not isinstance(data, list):
-            raise InputError("expected a JSON array of rows", file=p, line=1)
-        return data, list(range(1, len(data) + 1))
-    rows, lines = [], []
-    for i, ln in enumerate(text.split("\n"), start=1):
-        if not ln.strip():
-            continue
-        try:
-            rows.append(json.loads(ln))
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", file=p,
-                             line=i) from None
-        lines.append(i)
-    return rows, lines
+    f = read_row_file(p)
+    return f.rows, f.lines
 
 
 def verify_file(path: str | Path, **kwargs: Any) -> VerifiabilityReport:
