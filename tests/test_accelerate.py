@@ -64,7 +64,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) ->
     cfg = RunConfig(model=str(tiny_model_path), data=str(data), output_dir=str(tmp / "runs"),
                     run_id="base", thresholds={"min_pairs": 50},
                     dpo={"max_steps": STEPS, "batch_size": 4, "learning_rate": 1e-3,
-                         "max_length": 40, "save_every": 100},
+                         "max_length": 64, "save_every": 100},
                     kl_monitor={"every": 2, "probe_size": 4, "batch_size": 4})
     run_dir = create_run(cfg)
     st = run_stages(run_dir, stages=["preference_data", "reference_init"])

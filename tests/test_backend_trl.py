@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -174,3 +176,25 @@ def test_scoring_restores_train_mode(backend, handle):
         assert handle.model.training
     finally:
         handle.model.eval()
+
+
+def test_dpo_with_every_prompt_over_max_length_is_a_clear_error(tiny_model_path, tmp_path):
+    """TRL silently drops pairs whose prompt fills max_length; when that leaves nothing the
+    stage says which setting to raise instead of crashing inside TRL."""
+    from realign.config import RunConfig
+    from realign.errors import InputError
+    from realign.pipeline import create_run, run_stages
+
+    rows = [{"prompt": f"Question {i}: " + "please explain this in detail " * 6,
+             "chosen": "A good answer." if i % 2 else "Yes.",
+             "rejected": "No." if i % 2 else "A poor answer here."} for i in range(40)]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = create_run(RunConfig(model=str(tiny_model_path), data=str(data),
+                               output_dir=str(tmp_path / "runs"), thresholds={"min_pairs": 10},
+                               dpo={"max_steps": 2, "batch_size": 2, "max_length": 24},
+                               kl_monitor={"probe_size": 2, "batch_size": 2}))
+    st = run_stages(run, stages=["preference_data", "reference_init"])
+    assert [s.status for s in st.stages if s.name == "reference_init"] == ["pass"], st
+    with pytest.raises(InputError, match="raise dpo.max_length"):
+        run_stages(run, stages=["dpo"])

@@ -293,6 +293,13 @@ def make_dpo_trainer_class() -> type:
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             import time
 
+            if len(dataset) == 0:  # TRL dropped every pair whose prompt fills max_length
+                from ..errors import InputError
+
+                raise InputError(
+                    f"no training pair is left: every prompt (with the chat template) fills "
+                    f"max_length={self.args.max_length} tokens, so TRL drops it; raise "
+                    "dpo.max_length", field="dpo.max_length")
             key = self.ref_cache_key(dataset)
             path = ref_cache_dir() / f"{key}.npz"
             if path.exists():
