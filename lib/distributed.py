@@ -20,8 +20,22 @@ def world_size() -> int:
 
 
 def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if world_size() > 1:
-        from accelerate import PartialState
+    """Wait for every rank (no-op in a single process).
 
-        PartialState().wait_for_everyone()
+    A bare ``PartialState()`` on a machine without CUDA comes up as a single process
+    (``DistributedType.NO``) even under ``accelerate launch --cpu``, and its
+    ``wait_for_everyone`` then returns at once: ranks raced past rank 0's writes. So the
+    group is joined for the device there is (``cpu=True`` without CUDA: gloo), or the
+    already initialized group is used directly.
+    """
+    if world_size() <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
