@@ -179,6 +179,26 @@ def winrate_prompts(heldout: list[dict[str, Any]], probe_size: int, limit: int
     return list(seen.values())[:limit]
 
 
+def winrate_prompts_from_rows(rows: list[Any], probe: list[dict[str, Any]], limit: int
+                              ) -> list[dict[str, Any]]:
+    """Win-rate prompts from prompt rows (:class:`realign.generation.PromptRow`, stage 2's
+    ``heldout_prompts`` in generation mode: every held-out prompt, not only those that gave
+    a pair), those outside the KL ``probe`` first, at most ``limit``; each keeps its
+    reference answer and its ground truth for the verifier."""
+    from .generation import outside_probe_first, prompt_key
+
+    keys = {prompt_key(r["prompt"]) for r in probe}
+    return [{"prompt": r.prompt, "reference": r.reference, "truth": dict(r.truth),
+             "in_probe": prompt_key(r.prompt) in keys}
+            for r in outside_probe_first(rows, probe, limit)]
+
+
+def _checkable(truth: Any) -> bool:
+    """Ground truth the verifiers check beyond a reference answer (tests, instructions)."""
+    return isinstance(truth, dict) and any(truth.get(k) is not None for k in (
+        "tests", "instructions", "instruction_id_list"))
+
+
 class WinRateOutcome(BaseModel):
     """The win-rate gate and its per-prompt records."""
 
@@ -201,7 +221,23 @@ def judge_records(records: list[dict[str, Any]], *, judge: str, reward_model: st
     use_verifier = judge in ("auto", "verifier")
     use_rm = judge in ("auto", "reward_model") and reward_model is not None
     to_score = []
+    by_truth = [r for r in records if use_verifier and _checkable(r.get("truth"))]
+    if by_truth:  # tests or instructions: the row's own verifier scores both responses
+        from .generation import PromptRow, score_with_verifier
+
+        rows = [PromptRow(prompt=r["prompt"], truth=r["truth"], line=i + 1)
+                for i, r in enumerate(by_truth)]
+        got = score_with_verifier(rows, [[r["policy"], r["baseline"]] for r in by_truth])
+        for r, (sp, sb) in zip(by_truth, got):
+            if sp is None or sb is None:
+                continue
+            r["judge"] = "verifier"
+            r["policy_score"], r["baseline_score"] = sp, sb
+            r["policy_correct"], r["baseline_correct"] = sp >= 1.0, sb >= 1.0
+            r["judgement"] = "win" if sp > sb else "loss" if sp < sb else "tie"
     for r in records:
+        if r.get("judge") == "verifier":
+            continue
         if use_verifier and r.get("reference") is not None:
             r["judge"] = "verifier"
             r["policy_correct"] = verify_answer(r["policy"], r["reference"])
@@ -267,6 +303,9 @@ class Assessment(BaseModel):
     gates: list[GateResult]
     retention: dict[str, BenchmarkRetention] = Field(default_factory=dict)
     win: WinRateOutcome | None = None
+    guard: dict[str, Any] | None = Field(
+        default=None, description="the reward-hacking guard's measurements "
+                                  "(realign.reward_hacking.GuardResult)")
     benchmarks_path: str | None = None
     winrate_path: str | None = None
     warnings: list[str] = Field(default_factory=list)
@@ -277,7 +316,8 @@ class Assessment(BaseModel):
 
     @property
     def retention_passed(self) -> bool:
-        ret = [g for g in self.gates if g.name != "win_rate"]
+        ret = [g for g in self.gates
+               if g.name in ("capability_retention", "worst_benchmark_retention")]
         return bool(ret) and all(g.status == "pass" for g in ret)
 
 
@@ -365,10 +405,18 @@ def assess(ctx: RunContext, model_path: str | Path, out: Path, *, win_rate: bool
     out.mkdir(parents=True, exist_ok=True)
 
     # win-rate prompts and the baseline's responses first (the baseline model is freed)
-    held_path = ctx.artifacts("preference_data").heldout
-    prompts = (winrate_prompts(read_jsonl(Path(held_path)), cfg.kl_monitor.probe_size,
-                               ev.win_rate_prompts)
-               if win_rate and held_path and Path(held_path).is_file() else [])
+    s2 = ctx.artifacts("preference_data")
+    held_path = s2.heldout
+    prompts: list[dict[str, Any]] = []
+    if win_rate and s2.heldout_prompts and Path(s2.heldout_prompts).is_file():
+        from .generation import read_prompt_rows
+
+        held = read_jsonl(Path(held_path)) if held_path and Path(held_path).is_file() else []
+        prompts = winrate_prompts_from_rows(read_prompt_rows(s2.heldout_prompts),
+                                            held[:cfg.kl_monitor.probe_size], ev.win_rate_prompts)
+    elif win_rate and held_path and Path(held_path).is_file():
+        prompts = winrate_prompts(read_jsonl(Path(held_path)), cfg.kl_monitor.probe_size,
+                                  ev.win_rate_prompts)
     base_out: list[str] = []
     key: dict[str, Any] = {}
     if prompts:
@@ -396,15 +444,20 @@ def assess(ctx: RunContext, model_path: str | Path, out: Path, *, win_rate: bool
             write_json_atomic(bench_path, after)
         gates, table = retention_gates(ctx.thresholds, before, after, n_boot=ev.n_boot, seed=cfg.seed)
 
-    # win rate
+    # win rate, and the reward-hacking guard on the same responses
     win: WinRateOutcome | None = None
+    guard_found = None
     wr_path = None
+    from .reward_hacking import guard_gates, measure_guard
+
     if not win_rate:
-        gates.append(ctx.thresholds.evaluate(
-            "win_rate", None, detail="not applicable: the candidate is the baseline itself"))
+        why = "not applicable: the candidate is the baseline itself"
+        gates.append(ctx.thresholds.evaluate("win_rate", None, detail=why))
+        gates += guard_gates(ctx.thresholds, None, why_none=why[len("not applicable: "):])
     elif not prompts:
         gates.append(ctx.thresholds.evaluate(
             "win_rate", None, detail="unmeasured: stage 2 wrote no held-out prompts"))
+        gates += guard_gates(ctx.thresholds, None, why_none="stage 2 wrote no held-out prompts")
     else:
         say("policy responses to held-out prompts")
         pol_out = backend.generate(handle, [p["prompt"] for p in prompts],
@@ -412,7 +465,7 @@ def assess(ctx: RunContext, model_path: str | Path, out: Path, *, win_rate: bool
         del handle
         records = [{"prompt": p["prompt"], "reference": p["reference"], "in_probe": p["in_probe"],
                     "policy": po, "baseline": bo, "max_new_tokens": ev.max_new_tokens,
-                    "baseline_key": key}
+                    "baseline_key": key, **({"truth": p["truth"]} if p.get("truth") else {})}
                    for p, po, bo in zip(prompts, pol_out, base_out)]
         rm = ctx.artifacts("reward_model").reward_model
         if rm and not Path(rm).is_dir():
@@ -432,11 +485,21 @@ def assess(ctx: RunContext, model_path: str | Path, out: Path, *, win_rate: bool
         win = win_rate_gate(ctx.thresholds, records, counts, n_boot=ev.n_boot, seed=cfg.seed,
                             why_none=why_none)
         gates.append(win.gate)
+        from .messages import as_text
+
+        guard = measure_guard([as_text(r["prompt"]) for r in records],
+                              [r["policy"] for r in records], [r["baseline"] for r in records],
+                              [r.get("baseline_correct") for r in records], seed=cfg.seed)
+        gates += guard_gates(ctx.thresholds, guard)
+        guard_found = guard
         wr_path = out / "winrate.jsonl"
         if is_main_process():
             write_jsonl_atomic(wr_path, records)
+    if guard_found is not None and guard_found.signals:
+        warnings.append("reward hacking: " + "; ".join(guard_found.signals))
     return Assessment(model=str(model_path), gates=gates, retention=table, win=win,
                       benchmarks_path=str(bench_path) if bench_path else None,
-                      winrate_path=str(wr_path) if wr_path else None, warnings=warnings)
+                      winrate_path=str(wr_path) if wr_path else None, warnings=warnings,
+                      guard=guard_found.model_dump(mode="json") if guard_found else None)
 
 

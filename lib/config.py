@@ -511,18 +511,129 @@ class EvaluationConfig(_Strict):
                     "Default: false.")
 
 
+ScorerName = Literal["auto", "verifier", "reward_model"]
+PairingRule = Literal["max_min", "max_random"]
+IterativeReference = Literal["initial", "previous"]
+
+
+class GenerationConfig(_Strict):
+    """Pairs sampled from the policy: stage 2 with ``prompts`` (generation mode) and every
+    stage-6 iteration (docs/preference-data-generation.md#generating-pairs-from-the-policy)."""
+
+    samples: int = Field(
+        4, ge=2,
+        description="Responses sampled per prompt (≥ 2): k of RLHFlow's best-of-k pairing. "
+                    "The cost of generation grows with prompts × samples × max_new_tokens. "
+                    "Default: 4.")
+    temperature: float = Field(
+        1.0, ge=0,
+        description="Sampling temperature (≥ 0; 0: greedy, which gives k equal responses "
+                    "and no pairs). Default: 1.0.")
+    top_p: float = Field(
+        0.95, gt=0, le=1,
+        description="Nucleus sampling (0 < top_p ≤ 1): each token is drawn from the most "
+                    "probable tokens that hold top_p of the probability; 1: the whole "
+                    "vocabulary. Default: 0.95.")
+    max_new_tokens: int = Field(
+        64, ge=1,
+        description="Most tokens per sampled response (≥ 1); a response ends earlier at its "
+                    "end-of-sequence token. Default: 64.")
+    batch_size: int = Field(
+        32, ge=1,
+        description="Sequences per sampling batch (≥ 1): batch_size ÷ samples prompts at a "
+                    "time, whose prompt tokens go through the model once for all their "
+                    "samples. Default: 32.")
+    scorer: ScorerName = Field(
+        "auto",
+        description="Who scores the samples: verifier (the row's answer, tests or "
+                    "instructions; realign verify's checks), reward_model "
+                    "(generation.reward_model, or in stage 6 the stage-4 reward model) or auto "
+                    "(the verifier when the prompt rows carry ground truth, else the reward "
+                    "model). Default: auto.")
+    reward_model: str | None = Field(
+        None,
+        description="A trained reward model (folder) to score samples with: needed by stage "
+                    "2 in generation mode when the prompts carry no ground truth (stage 4 "
+                    "runs after stage 2); stage 6 uses the stage-4 reward model when this is "
+                    "null. Its chat template should be the policy's (a warning says when it "
+                    "is not). Default: null.")
+    pairing: PairingRule = Field(
+        "max_min",
+        description="Pair selection per prompt: max_min (the best-scored sample as chosen, "
+                    "the worst as rejected) or max_random (the best as chosen, a random "
+                    "lower-scored one as rejected). Default: max_min.")
+    min_score_gap: float = Field(
+        0.1, ge=0, le=1,
+        description="Least score gap (0-1) between chosen and rejected: a prompt whose best "
+                    "and worst samples differ by less (or not at all) gives no pair. Verifier "
+                    "scores are in [0, 1]; reward-model scores count as σ(Δ) − σ(−Δ) = "
+                    "tanh(Δ/2) of the reward difference Δ. Default: 0.1.")
+
+
+class IterativeConfig(_Strict):
+    """Stage 6: rounds of generate → validate → DPO (docs/iterative-training.md)."""
+
+    max_iterations: int = Field(
+        3, ge=1,
+        description="Most iterations (≥ 1); the stage stops earlier when the gain stalls "
+                    "(iterative.patience) or a gate fails. Default: 3.")
+    patience: int = Field(
+        2, ge=1,
+        description="Stop after this many iterations in a row (≥ 1) whose held-out verifier "
+                    "gain over the previous iteration has a 95% CI that includes 0. "
+                    "Default: 2.")
+    reference: IterativeReference = Field(
+        "initial",
+        description="The DPO reference of every iteration: initial (π0, the stage-3 "
+                    "reference, fixed; the KL gate measures the drift from it) or previous "
+                    "(the previous iteration's policy; the KL gate still measures KL to π0). "
+                    "Default: initial.")
+    max_steps: int = Field(
+        20, ge=1,
+        description="DPO optimizer steps per iteration (≥ 1), warm-started from the "
+                    "previous iteration's policy; batch size, beta, loss and the KL monitor "
+                    "are the dpo and kl_monitor sections'. Default: 20.")
+    learning_rate: float | None = Field(
+        None, gt=0,
+        description="Peak learning rate of each iteration's DPO (> 0). null: "
+                    "dpo.learning_rate. Default: null.")
+    prompts_per_iteration: int = Field(
+        256, ge=1,
+        description="Training prompts (≥ 1) sampled from in each iteration: all of the "
+                    "stage-2 train prompts when there are fewer, else this many drawn by the "
+                    "run's seed and the iteration number. Default: 256.")
+    eval_prompts: int = Field(
+        64, ge=1,
+        description="Held-out prompts (≥ 1) on which each iteration is measured: greedy "
+                    "responses (evaluation.max_new_tokens) scored by the verifier, judged "
+                    "against the baseline's (win_rate) and checked for reward hacking. "
+                    "Default: 64.")
+
+
 class RunConfig(_Strict):
-    """A whole run. ``data`` is the only required field."""
+    """A whole run: exactly one of ``data`` (preference pairs) and ``prompts`` (generation
+    mode) is required; every other field has a default."""
 
     model: str = Field(
         "default",
         description="Starting model: 'default' (SmolLM2-135M-Instruct, available offline), "
                     "a local path (relative paths resolved against the config's folder) or a "
                     "hub id. Stage 1 may fine-tune it (sft.dataset). Default: default.")
-    data: str = Field(
-        description="Required. Preference pairs (JSONL/JSON/Parquet file, saved dataset or "
-                    "hub id) with prompt, chosen and rejected; relative paths are resolved "
-                    "against the config's folder. Stage 2 validates and splits it.")
+    data: str | None = Field(
+        None,
+        description="Preference pairs (JSONL/JSON/Parquet file, saved dataset or hub id) with "
+                    "prompt, chosen and rejected; relative paths are resolved against the "
+                    "config's folder. Stage 2 validates and splits it. Exactly one of data "
+                    "and prompts is required. Default: null.")
+    prompts: str | None = Field(
+        None,
+        description="Generation mode: prompts (JSONL/JSON/Parquet file) with prompt and the "
+                    "ground truth the verifiers check (answer, tests or instructions; "
+                    "optional verifier). Stage 2 splits them, samples generation.samples "
+                    "responses per prompt from the stage-1 model, scores and pairs them, then "
+                    "validates the pairs; stage 1 measures perplexity on the held-out "
+                    "prompts' answers. Relative paths are resolved against the config's "
+                    "folder. Exactly one of data and prompts is required. Default: null.")
     data_split: str | None = Field(
         None,
         description="Split of a saved DatasetDict or hub dataset in data. null: the only or "
@@ -605,9 +716,23 @@ class RunConfig(_Strict):
     kl_monitor: KLMonitorConfig = Field(
         default_factory=KLMonitorConfig,
         description="The live KL gate of stage 5, on the probe written by stage 3.")
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig,
+        description="Pairs sampled from the policy: stage 2 with prompts, and stage 6.")
+    iterative: IterativeConfig = Field(
+        default_factory=IterativeConfig,
+        description="Stage 6: iterations of generate → validate → DPO.")
     evaluation: EvaluationConfig = Field(
         default_factory=EvaluationConfig,
         description="Stage 7: capability retention, win rate and rollback.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RunConfig:
+        if (self.data is None) == (self.prompts is None):
+            raise ValueError("give exactly one of data (preference pairs: stage 2 validates "
+                             "them) and prompts (generation mode: stage 2 samples pairs from "
+                             "the model)" + ("" if self.data is None else ", not both"))
+        return self
 
     @field_validator("run_id")
     @classmethod
@@ -758,7 +883,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except ValidationError as e:
         raise _validation_error(e, p, raw, data, overrides) from None
     base = p.resolve().parent
-    cfg.data = _resolve(base, cfg.data)
+    if cfg.data is not None:
+        cfg.data = _resolve(base, cfg.data)
+    if cfg.prompts is not None:
+        cfg.prompts = _resolve(base, cfg.prompts)
+    if cfg.generation.reward_model:
+        cfg.generation.reward_model = _resolve(base, cfg.generation.reward_model)
     cfg.eval_sets = [_resolve(base, e) for e in cfg.eval_sets]
     if cfg.sft.dataset:
         cfg.sft.dataset = _resolve(base, cfg.sft.dataset)

@@ -47,6 +47,9 @@ GATE_SPECS: dict[str, GateSpec] = {
                  description="1 - contaminated examples / all examples"),
         GateSpec(name="length_bias", stage=2, op="<=",
                  description="share of pairs whose chosen response has more words"),
+        GateSpec(name="rlvr_verifiability", stage=2, op=">=",
+                 description="share of rows a verifier (math, code, instructions, exact) "
+                             "can check"),
         GateSpec(name="baseline_perplexity", stage=1, op="<",
                  description="perplexity on held-out responses"),
         GateSpec(name="initial_kl", stage=3, op="<",
@@ -65,6 +68,15 @@ GATE_SPECS: dict[str, GateSpec] = {
                  description="lowest per-benchmark retention"),
         GateSpec(name="win_rate", stage=7, op=">",
                  description="share of held-out prompts where the new policy wins, ties half"),
+        GateSpec(name="length_ratio", stage=6, op=">=",
+                 description="mean words of the policy's responses ÷ the baseline's verified "
+                             "responses' (reward-hacking guard: length collapse)"),
+        GateSpec(name="prompt_echo", stage=6, op="<=",
+                 description="share of responses echoing the prompt, policy − baseline "
+                             "(reward-hacking guard)"),
+        GateSpec(name="distinct_ratio", stage=6, op=">=",
+                 description="distinct-2 of the policy's responses ÷ the baseline's "
+                             "(reward-hacking guard: loss of diversity)"),
     ]
 }
 
@@ -76,6 +88,8 @@ PRESETS: dict[str, dict[str, float]] = {
         "reward_accuracy": 0.65, "reward_overfit": 0.15, "kl_divergence": 0.2,
         "reward_margin": 0, "capability_retention": 0.90,
         "worst_benchmark_retention": 0.85, "win_rate": 0.5,
+        "length_ratio": 0.4, "prompt_echo": 0.3, "distinct_ratio": 0.4,
+        "rlvr_verifiability": 0.7,
     },
     "standard": {
         "min_pairs": 1000, "preference_gap": 0.15, "decontamination": 0.90,
@@ -83,6 +97,8 @@ PRESETS: dict[str, dict[str, float]] = {
         "reward_accuracy": 0.70, "reward_overfit": 0.10, "kl_divergence": 0.1,
         "reward_margin": 0, "capability_retention": 0.95,
         "worst_benchmark_retention": 0.90, "win_rate": 0.5,
+        "length_ratio": 0.5, "prompt_echo": 0.2, "distinct_ratio": 0.5,
+        "rlvr_verifiability": 0.8,
     },
     "strict": {
         "min_pairs": 5000, "preference_gap": 0.20, "decontamination": 0.95,
@@ -90,6 +106,8 @@ PRESETS: dict[str, dict[str, float]] = {
         "reward_accuracy": 0.75, "reward_overfit": 0.05, "kl_divergence": 0.05,
         "reward_margin": 0, "capability_retention": 0.98,
         "worst_benchmark_retention": 0.95, "win_rate": 0.55,
+        "length_ratio": 0.6, "prompt_echo": 0.1, "distinct_ratio": 0.6,
+        "rlvr_verifiability": 0.9,
     },
 }
 DEFAULT_PRESET: PresetName = "standard"
@@ -150,6 +168,15 @@ REMEDIES: dict[str, dict[Literal["fail", "unmeasured"], str]] = {
                 "{% else %}pairs whose chosen answer is longer{% endif %} until they are at "
                 "most {{ threshold }} of all; else DPO learns \"longer is better\"",
         "unmeasured": "no usable pairs to measure: fix the data first (see `min_pairs`)",
+    },
+    "rlvr_verifiability": {
+        "fail": "too few rows carry a ground truth a verifier can check: give each row an "
+                "`answer` (math or exact), `tests` (code) or `instructions` (IFEval ids), "
+                "or name its `verifier`; `realign verify {{ data }} --json` says per row why "
+                "it is not verifiable (`not_verifiable` counts the reasons); or score the "
+                "other rows with a reward model (`generation.scorer: reward_model`)",
+        "unmeasured": "no row could be read: fix the input (the error names the file, line "
+                      "and field)",
     },
     "baseline_perplexity": {
         "fail": "the model does not fit the domain: set `sft.dataset` to in-domain SFT data "
@@ -235,6 +262,33 @@ REMEDIES: dict[str, dict[Literal["fail", "unmeasured"], str]] = {
         "unmeasured": "no held-out prompt could be judged: give held-out rows a `reference` "
                       "answer (the verifier judges them) or keep `reward_model` in `stages` "
                       "(`evaluation.judge: auto`), in a new run",
+    },
+    "length_ratio": {
+        "fail": "reward hacking: the policy's answers collapsed to {{ value }} of the length "
+                "correct answers had (e.g. a bare label or the verifier's keyword): the "
+                "verifier or reward model can be satisfied without doing the task; make the "
+                "check harder to game (require the content, not a marker), then retrain with "
+                "fewer steps or a larger `dpo.beta` ({{ beta_double }}); meanwhile keep the "
+                "earlier model: `realign rollback {{ run }}`",
+        "unmeasured": "no held-out responses to compare: stage 2 must leave held-out prompts "
+                      "(raise `heldout.min_pairs`), in a new run",
+    },
+    "prompt_echo": {
+        "fail": "reward hacking: {{ value }} more of the policy's answers repeat the prompt "
+                "than the baseline's: the check rewards words the prompt already contains; "
+                "make it require more than the instruction's words, then retrain; meanwhile "
+                "keep the earlier model: `realign rollback {{ run }}`",
+        "unmeasured": "no held-out responses to compare: stage 2 must leave held-out prompts "
+                      "(raise `heldout.min_pairs`), in a new run",
+    },
+    "distinct_ratio": {
+        "fail": "reward hacking: the policy gives the same few answers to different prompts "
+                "(distinct-2 at {{ value }} of the baseline's): the check rewards one string; "
+                "make it depend on the prompt, retrain with fewer steps or a larger "
+                "`dpo.beta` ({{ beta_double }}); meanwhile keep the earlier model: "
+                "`realign rollback {{ run }}`",
+        "unmeasured": "no held-out responses to compare: stage 2 must leave held-out prompts "
+                      "(raise `heldout.min_pairs`), in a new run",
     },
 }
 

@@ -134,7 +134,7 @@ def model_card_data(run_dir: str | Path, *, model: str | Path, source: str, deci
         retention_of = "the deployed model"
 
     d2 = verdicts.get("preference_data")
-    data: dict[str, Any] = {"path": config.data, "counts": {}, "train": None, "heldout": None,
+    data: dict[str, Any] = {"path": config.data or config.prompts, "counts": {}, "train": None, "heldout": None,
                             "sets": None, "unchecked": [], "decontamination": None}
     if d2 is not None:
         counts = d2.findings.get("counts") or {}

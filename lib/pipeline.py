@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from .config import RunConfig
 from .distributed import barrier, is_main_process
@@ -58,6 +59,7 @@ from .rundir import (
 from .stages import (
     dpo,
     evaluation,
+    iterative,
     preference_data,
     reference_init,
     reward_model,
@@ -73,7 +75,7 @@ __all__ = ["RunBusyError", "RunStatus", "create_run", "final_state", "list_runs"
 #: The function that runs each built stage (the registry names the module).
 _RUNNERS: dict[str, Callable[[RunContext], StageVerdict]] = {
     m.NAME: m.run for m in (sft_baseline, preference_data, reference_init, reward_model, dpo,
-                            evaluation)
+                            iterative, evaluation)
 }
 assert all(REGISTRY[n].module == n for n in _RUNNERS) and set(_RUNNERS) == set(STAGES), \
     "stage registry and stage modules disagree"
@@ -297,7 +299,8 @@ def preflight(config: RunConfig, *, stages: Sequence[str] | None = None,
     ``reward.max_steps`` / ``sft.max_steps`` (with ``sft.dataset``) not 0 (≥ 1, or -1 for
     epochs); the local ``model`` path (``default`` and hub ids are not checked here);
     ``data``, read through :class:`realign.data.PairSource` (every row parsed: a bad row
-    is named by file, line and field unless ``skip_bad_rows``); each of ``eval_sets``
+    is named by file, line and field unless ``skip_bad_rows``), or ``prompts`` (every row
+    parsed; the generation scorer usable); each of ``eval_sets``
     (:func:`realign.decontamination.load_eval_set`); ``sft.dataset``. ``source``, the
     config file, lets errors in config fields name their line. Nothing is written.
     """
@@ -335,20 +338,51 @@ def preflight(config: RunConfig, *, stages: Sequence[str] | None = None,
         d = Path(config.sft.dataset).expanduser()
         if not d.exists() and _looks_local(config.sft.dataset):
             raise bad(f"sft.dataset {config.sft.dataset!r} does not exist", "sft.dataset")
+    if config.prompts is not None and ("preference_data" in todo or "sft_baseline" in todo):
+        from .generation import read_prompt_rows
+
+        if not Path(config.prompts).expanduser().exists():
+            raise bad(f"prompts file {config.prompts!r} does not exist", "prompts")
+        rows = read_prompt_rows(config.prompts)  # every row parsed; the first bad one raises
+        if "preference_data" in todo:
+            _check_scorer(config, rows, bad)
     if "preference_data" in todo:
         from .data import PairSource
         from .decontamination import load_eval_set
 
-        if not Path(config.data).expanduser().exists() and _looks_local(config.data):
-            raise bad(f"data file {config.data!r} does not exist", "data")
-        src = PairSource(config.data, split=config.data_split, skip_bad_rows=config.skip_bad_rows)
-        if src.format != "hub":
-            for _ in src.blocks():  # every row parsed; the first bad one raises
-                pass
+        if config.data is not None:
+            if not Path(config.data).expanduser().exists() and _looks_local(config.data):
+                raise bad(f"data file {config.data!r} does not exist", "data")
+            src = PairSource(config.data, split=config.data_split,
+                             skip_bad_rows=config.skip_bad_rows)
+            if src.format != "hub":
+                for _ in src.blocks():  # every row parsed; the first bad one raises
+                    pass
         for i, e in enumerate(config.eval_sets):
             if not Path(e).expanduser().exists():
                 raise bad(f"eval set {e!r} does not exist", f"eval_sets.{i}")
             load_eval_set(e, config.eval_field)
+
+
+def _check_scorer(config: RunConfig, rows: Sequence[Any],
+                  bad: Callable[[str, str], InputError]) -> None:
+    """Generation mode: stage 2 can score the samples (the verifier needs ground truth in
+    the rows; a reward model must be given, since stage 4 runs after stage 2)."""
+    g = config.generation
+    truth = any(r.truth.get(k) is not None for r in rows
+                for k in ("answer", "tests", "instructions", "instruction_id_list"))
+    scorer = g.scorer if g.scorer != "auto" else ("verifier" if truth else "reward_model")
+    if scorer == "verifier" and not truth:
+        raise bad("generation.scorer is verifier but no prompt row carries an answer, tests "
+                  "or instructions", "generation.scorer")
+    if scorer == "reward_model":
+        if not g.reward_model:
+            raise bad("the prompts carry no ground truth for the verifier: set "
+                      "generation.reward_model to a trained reward model to score the "
+                      "samples with", "generation.reward_model")
+        if not Path(g.reward_model).expanduser().is_dir():
+            raise bad(f"generation.reward_model {g.reward_model!r} is not a folder",
+                      "generation.reward_model")
 
 
 def run_pipeline(config: RunConfig, *, progress: ProgressFn | None = None) -> RunStatus:

@@ -249,6 +249,30 @@ def _series(records: list[dict[str, Any]], key: str) -> list[tuple[float, float]
     return pts
 
 
+def _iteration_rows(v: Any) -> list[dict[str, str]]:
+    """Stage 6's iterations as report rows: score, the gains with their CIs, win rate,
+    KL to π0, the failed gates, and which one the stage kept."""
+    def ci(g: Any) -> str:
+        if not g or g.get("mean") is None:
+            return "—"
+        lo_hi = g.get("ci95")
+        return f"{g['mean']:+.3f}" + (f" ({lo_hi[0]:+.3f} – {lo_hi[1]:+.3f})" if lo_hi else "")
+
+    rows = []
+    kept = v.findings.get("selected_iteration")
+    for r in v.findings.get("iterations") or []:
+        score = (r.get("score") or {}).get("mean")
+        kl = ((r.get("kl") or {}).get("sampled") or {}).get("kl")
+        rows.append({
+            "iteration": str(r.get("iteration")), "kept": "yes" if r.get("iteration") == kept else "",
+            "score": "—" if score is None else f"{score:.3f}",
+            "gain_previous": ci(r.get("gain_vs_previous")),
+            "gain_baseline": ci(r.get("gain_vs_baseline")),
+            "win_rate": _fmt_value((r.get("win_rate") or {}).get("value")),
+            "kl": _fmt_value(kl), "failed": ", ".join(r.get("failed") or []) or "—"})
+    return rows
+
+
 def _dedupe_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The last record per step (a resumed run may have logged a step twice)."""
     by: dict[Any, dict[str, Any]] = {}
@@ -288,7 +312,9 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             })
         stages.append({"number": s.number, "name": s.name, "status": s.status, "gates": gates,
                        "note": s.note, "warnings": list(v.warnings) if v else [],
-                       "allowed": (v.findings.get("allowed_failures") or []) if v else []})
+                       "allowed": (v.findings.get("allowed_failures") or []) if v else [],
+                       "iterations": _iteration_rows(v) if v and s.name == "iterative" else [],
+                       "stopped": v.findings.get("stopped") if v else None})
 
     from .gates import Thresholds
 

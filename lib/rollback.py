@@ -5,6 +5,8 @@
 
 1. **Candidates** (:func:`rollback_candidates`), in this order:
 
+   * when stage 7 evaluated a stage-6 iteration: the other iterations that passed every
+     stage-6 gate (best held-out score first), then the stage-5 model;
    * the stage-5 training checkpoints still on disk (``stages/5-dpo/checkpoints/
      checkpoint-N``; the trainer keeps the last two) whose step N had a KL check that
      passed the ``kl_divergence`` gate, best held-out margin first, leaving out the step
@@ -50,7 +52,7 @@ class Candidate(BaseModel):
 
     name: str
     path: str
-    source: Literal["dpo_checkpoint", "baseline"]
+    source: Literal["iteration", "dpo_model", "dpo_checkpoint", "baseline"]
     step: int | None = None
     kl: float | None = None
     heldout_margin: float | None = None
@@ -85,13 +87,30 @@ class RollbackResult(BaseModel):
 
 
 def rollback_candidates(run_dir: str | Path) -> list[Candidate]:
-    """Stage-5 KL-passing checkpoints on disk (best held-out margin first, the selected
-    step left out), then the stage-1 baseline."""
+    """When stage 6 ran and stage 7 evaluated one of its iterations: the other stage-6
+    iterations that passed every gate, models on disk (best held-out score first), then
+    the stage-5 model. Then the stage-5 KL-passing checkpoints on disk (best held-out
+    margin first, the selected step left out: it is the stage-5 model), then the
+    stage-1 baseline."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     ctx = RunContext(config=config, run_dir=run_dir, thresholds=Thresholds())
     out: list[Candidate] = []
     dpo = ctx.verdict("dpo")
+    it = ctx.verdict("iterative")
+    evaluated = (ctx.verdict("evaluation").findings.get("evaluated_model")  # type: ignore[union-attr]
+                 if ctx.verdict("evaluation") is not None else None)
+    if it is not None and dpo is not None and it.artifacts.get("model") != dpo.artifacts.get("model"):
+        recs = [r for r in it.findings.get("iterations") or []
+                if r.get("iteration", 0) >= 1 and not r.get("failed") and r.get("model")
+                and Path(r["model"]).is_dir() and r["model"] != evaluated]
+        recs.sort(key=lambda r: -((r.get("score") or {}).get("mean") or float("-inf")))
+        out += [Candidate(name=f"iteration-{r['iteration']}", path=str(r["model"]),
+                          source="iteration") for r in recs]
+        m5 = dpo.artifacts.get("model")
+        if m5 and Path(m5).is_dir() and m5 != evaluated:
+            out.append(Candidate(name="dpo-model", path=str(m5), source="dpo_model",
+                                 step=dpo.findings.get("selected_step")))
     if dpo is not None:
         checks = dpo.findings.get("checks") or []
         selected = dpo.findings.get("selected_step")
@@ -179,7 +198,7 @@ def rollback(run_dir: str | Path, *, verdict: StageVerdict | None = None,
         if restored is None:
             summary = "rollback: no candidate could be restored"
         elif restored.source == "baseline":
-            summary = (f"rollback: no stage-5 checkpoint passed every gate "
+            summary = (f"rollback: no earlier model passed every gate "
                        f"({len(evaluated) - 1} re-evaluated); restored the stage-1 baseline "
                        f"{restored.path}")
         else:

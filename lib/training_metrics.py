@@ -74,7 +74,8 @@ def validate_dpo_pairs(pairs: str | Path | list[dict[str, Any]], **kwargs: Any) 
 def assess_rlvr_verifiability(data: str | Path | list[dict[str, Any]], *,
                               workers: int | None = None,
                               limits: SandboxLimits | None = None,
-                              threshold: float | None = None) -> VerifiabilityReport:
+                              threshold: float | None = None,
+                              preset: str = "standard") -> VerifiabilityReport:
     """Share of rows a real verifier can check, and how: runs the verifiers on every row.
 
     ``data`` is a path (JSONL, JSON array, Parquet) or a list of row dicts with the row
@@ -83,11 +84,12 @@ def assess_rlvr_verifiability(data: str | Path | list[dict[str, Any]], *,
     verifiable when a verifier applies and its ground truth can be checked (the answer
     parses, the tests compile, every instruction id is supported); responses, when present,
     are checked too. The gate ``rlvr_verifiability`` compares the share with ``threshold``
-    (default :data:`realign.verifiers.RLVR_VERIFIABILITY_MIN`). Nothing is looked up by
+    (default: the ``preset``'s, :data:`realign.gates.PRESETS`). Nothing is looked up by
     domain name. Raises :class:`~realign.errors.InputError` (file, line, field) on rows that
     break the contract.
     """
-    kwargs: dict[str, Any] = {"workers": workers, "limits": limits, "threshold": threshold}
+    kwargs: dict[str, Any] = {"workers": workers, "limits": limits, "threshold": threshold,
+                              "preset": preset}
     if isinstance(data, list):
         return verify_rows(data, **kwargs)
     return verify_file(data, **kwargs)

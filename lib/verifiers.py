@@ -41,7 +41,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from .errors import InputError, MissingDependencyError
-from .gates import GATE_SPECS, GateResult, Thresholds
+from .gates import DEFAULT_PRESET, PRESETS, GateResult, Thresholds
 from .instruction_checks import (
     InstructionError,
     check_instructions,
@@ -62,9 +62,8 @@ Verifier = Literal["math", "code", "instructions", "exact"]
 VERIFIERS: tuple[str, ...] = ("code", "instructions", "math", "exact")
 #: The gate on the share of rows a verifier can check.
 RLVR_GATE = "rlvr_verifiability"
-#: Its threshold while ``realign.gates`` has no such gate (issue 15 asks for 0.8); once the
-#: gate is in ``GATE_SPECS`` the preset's number is used instead.
-RLVR_VERIFIABILITY_MIN = 0.8
+#: Its threshold in the default preset (``realign.gates.PRESETS``, the one home of the number).
+RLVR_VERIFIABILITY_MIN = PRESETS[DEFAULT_PRESET][RLVR_GATE]
 
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _FULL_NUMBER = re.compile(r"^\s*[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?\s*\.?\s*$")
@@ -553,13 +552,9 @@ def _report(results: list[RowResult], data: str | None, threshold: float | None,
     why = Counter(_reason_key(r.reason) for r in results if not r.verifiable)
     detail = (f"{len(ok)} of {n} rows verifiable ("
               + (", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "none") + ")")
-    if threshold is None and RLVR_GATE in GATE_SPECS:
-        gate = Thresholds(preset=preset).evaluate(RLVR_GATE, share, detail=detail)  # type: ignore[arg-type]
-    else:
-        thr = RLVR_VERIFIABILITY_MIN if threshold is None else float(threshold)
-        gate = GateResult(name=RLVR_GATE, value=share, threshold=thr, op=">=",
-                          status="pass" if share >= thr else "fail", detail=detail,
-                          overridden=threshold is not None)
+    overrides = {} if threshold is None else {RLVR_GATE: float(threshold)}
+    gate = Thresholds(preset=preset, overrides=overrides).evaluate(  # type: ignore[arg-type]
+        RLVR_GATE, share, detail=detail, remedy_context={"data": data or "DATA"})
     scores = [r.score for r in checked if r.score is not None]
     return VerifiabilityReport(
         data=data, rows=n, verifiable=len(ok), share_verifiable=share,

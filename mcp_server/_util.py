@@ -63,6 +63,7 @@ CLI_TOOLS: dict[str, str] = {
     "ifd": "calculate_ifd_score",
     "kl": "compute_kl",
     "init": "create_run_config",
+    "verify": "assess_rlvr_verifiability",
 }
 #: Commands also translated without backticks (the others are common words after
 #: "realign", e.g. "where realign runs").

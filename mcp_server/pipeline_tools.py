@@ -156,7 +156,12 @@ class PipelineTools:
         check_finite(cfg.thresholds, f"{source} thresholds")
         if not self.policy.is_confined:
             return
-        self.path(cfg.data, f"{source} data")
+        if cfg.data is not None:
+            self.path(cfg.data, f"{source} data")
+        if cfg.prompts is not None:
+            self.path(cfg.prompts, f"{source} prompts")
+        if cfg.generation.reward_model:
+            self.path(cfg.generation.reward_model, f"{source} generation.reward_model")
         for e in cfg.eval_sets:
             self.path(e, f"{source} eval_sets")
         if cfg.sft.dataset:

@@ -218,7 +218,8 @@ def register(mcp: MCPServer, policy: PathPolicy) -> list[str]:
                                                "answer, tests or instructions (JSONL/JSON/Parquet)")],
         ctx: Context,
         threshold: Annotated[float | None, Field(ge=0, le=1, description="share of rows that must "
-                                                  "be verifiable (default: the gate's preset)")] = None,
+                                                  "be verifiable (default: the preset's)")] = None,
+        preset: Preset = DEFAULT_PRESET,
     ) -> VerifiabilityReport:
         """Share of rows a real verifier can check, found by running the verifiers.
 
@@ -231,7 +232,7 @@ def register(mcp: MCPServer, policy: PathPolicy) -> list[str]:
         src = p(path, "path")
         if threshold is not None:
             check_finite({"threshold": threshold})
-        return await run_blocking(verify_file, src, ctx=ctx, threshold=threshold)
+        return await run_blocking(verify_file, src, ctx=ctx, threshold=threshold, preset=preset)
 
     return ["validate_preference_data", "clean_preference_data", "check_decontamination",
             "get_thresholds", "assess_rlvr_verifiability"]

@@ -255,6 +255,8 @@ def _config(tmp: Path, model: Path, **changes):
     base = dict(
         model=str(model), data=str(data), eval_sets=[str(ROOT / "examples" / "eval.jsonl")],
         output_dir=str(tmp / "runs"), run_id="s7",
+        stages=["sft_baseline", "preference_data", "reference_init", "reward_model", "dpo",
+                "evaluation"],  # stage 6: tests/test_iterative.py
         thresholds={"min_pairs": 100, "baseline_perplexity": 1e9, "kl_divergence": 10},
         sft={"eval_responses": 8, "benchmarks": ["realign_knowledge"], "benchmark_limit": 12},
         reward={"max_steps": 4, "batch_size": 4, "max_length": 64},
@@ -289,7 +291,9 @@ def test_stage7_gates_on_tiny_run(tiny_run):
 
     run_dir, status = tiny_run
     v = next(s.verdict for s in status.stages if s.name == "evaluation")
-    assert [g.name for g in v.gates] == ["capability_retention", "worst_benchmark_retention", "win_rate"]
+    assert [g.name for g in v.gates] == ["capability_retention", "worst_benchmark_retention",
+                                         "win_rate", "length_ratio", "prompt_echo",
+                                         "distinct_ratio"]
     # retention recomputed from the two files on disk
     before = BR.model_validate_json((run_dir / "stages/1-sft_baseline/baseline_benchmarks.json").read_text())
     after = BR.model_validate_json(Path(v.artifacts["benchmarks"]).read_text())

@@ -334,6 +334,18 @@ def test_gate_fails_below_the_threshold():
     rep = assess_rlvr_verifiability(rows)
     assert rep.share_verifiable == 0.5 and rep.gate.status == "fail" and rep.status == "fail"
     assert assess_rlvr_verifiability(rows, threshold=0.5).status == "pass"
+    assert "realign verify" in rep.gate.remedy and rep.gate.threshold == RLVR_VERIFIABILITY_MIN
+
+
+def test_gate_reads_the_preset():
+    """The threshold is the preset's (realign.gates.PRESETS): 7 of 8 verifiable rows pass
+    at standard (0.8) and fail at strict (0.9)."""
+    from realign.gates import PRESETS
+
+    rows = [{"prompt": str(i), "answer": "4"} for i in range(7)] + [{"prompt": "x"}]
+    assert assess_rlvr_verifiability(rows).gate.status == "pass"
+    strict = assess_rlvr_verifiability(rows, preset="strict").gate
+    assert strict.status == "fail" and strict.threshold == PRESETS["strict"]["rlvr_verifiability"]
 
 
 def test_explicit_verifier_is_used():

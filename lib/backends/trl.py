@@ -21,7 +21,7 @@ from ..errors import InputError, MissingDependencyError
 from ..fileio import atomic_path
 from ..messages import Message, as_messages, as_text
 from .base import KLResult, LogProbs
-from .encoding import Encoded, encode_pair  # noqa: F401  (moved to the torch-free encoding module; re-exported)
+from .encoding import Encoded, encode_pair
 
 try:
     import torch
@@ -163,7 +163,7 @@ class _EvalMode:
         self.grad = torch.no_grad()
         self.grad.__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.grad.__exit__(*exc)
         for m, was in zip(self.models, self.modes):
             m.train(was)
@@ -549,12 +549,151 @@ def sample_responses(handle: ModelHandle | Any, prompts: Sequence[Prompt], *, ma
     return [Encoded(input_ids=list(p) + c, start=len(p)) for p, c in zip(ids, new)]
 
 
+#: Candidates kept by the top-k pass of :func:`_nucleus_draw` before it falls back to a
+#: full sort (a row whose top candidates hold less than ``top_p`` of the mass).
+NUCLEUS_TOPK = 256
+
+
+def _row_generators(seed: int, keys: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sequence, seeded by (``seed``, the sequence's key): a
+    sequence's draws do not depend on which sequences share its batch."""
+    return [torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + 0x632BE5AB * (k + 1))
+                                          % (2**63 - 1)) for k in keys]
+
+
+def _nucleus_draw(logits: torch.Tensor, gens: Sequence[torch.Generator], temperature: float,
+                  top_p: float) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) restricted to the nucleus:
+    the smallest set of most probable tokens whose mass reaches ``top_p`` (the token that
+    crosses it included; ``top_p >= 1``: the whole vocabulary), renormalized. Drawn by the
+    inverse CDF in float64 with one uniform per row from the row's own generator.
+    ``temperature == 0``: the most probable token. Exact: the top-k pass (``NUCLEUS_TOPK``
+    candidates) is used only for rows whose candidates hold ``top_p`` of the mass, and the
+    other rows are sorted in full."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1).to("cpu", torch.float64)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+    vocab = probs.shape[-1]
+    if top_p >= 1:
+        cdf = probs.cumsum(-1)
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
+        return idx.squeeze(-1).clamp(max=vocab - 1).to(logits.device)
+    k = min(vocab, NUCLEUS_TOPK)
+    vals, ids = probs.topk(k, dim=-1)  # sorted, most probable first
+    full = vals.sum(-1) < top_p
+    out = torch.empty(probs.shape[0], dtype=torch.long)
+
+    def pick(v: torch.Tensor, ix: torch.Tensor, uu: torch.Tensor) -> torch.Tensor:
+        before = v.cumsum(-1) - v  # mass of the more probable tokens
+        v = torch.where(before < top_p, v, torch.zeros_like(v))
+        cdf = v.cumsum(-1)
+        pos = torch.searchsorted(cdf, (uu * cdf[:, -1]).unsqueeze(-1), right=True)
+        return ix.gather(-1, pos.clamp(max=v.shape[-1] - 1)).squeeze(-1)
+
+    rows = (~full).nonzero().flatten()
+    if len(rows):
+        out[rows] = pick(vals[rows], ids[rows], u[rows])
+    rows = full.nonzero().flatten()
+    if len(rows):
+        sv, si = probs[rows].sort(dim=-1, descending=True)
+        out[rows] = pick(sv, si, u[rows])
+    return out.to(logits.device)
+
+
+def sample_many(handle: ModelHandle | Any, prompts: Sequence[Prompt], *, num_samples: int,
+                max_new_tokens: int, seed: int, temperature: float = 1.0, top_p: float = 1.0,
+                tokenizer: Any = None, batch_size: int = 32,
+                max_length: int = DEFAULT_MAX_LENGTH,
+                progress: Any = None) -> list[list[Encoded]]:
+    """``num_samples`` responses per prompt sampled from the model, as token ids:
+    ``out[i][j]`` is sample j of prompt i.
+
+    Sampling: softmax(logits / ``temperature``) restricted to the ``top_p`` nucleus
+    (:func:`_nucleus_draw`; temperature 0 is greedy), no other logits processor (the
+    model's generation config is not consulted). Each response stops after its first EOS
+    token (kept) or ``max_new_tokens`` tokens. Prompts get the chat template with the
+    generation prompt (:func:`encode_prompt`), cut from the left to
+    ``max(1, max_length − max_new_tokens)`` tokens.
+
+    Cost: a batch holds ``max(1, batch_size // num_samples)`` prompts; their prompt tokens
+    go through the model once (left-padded, with position ids) and the KV cache is
+    repeated ``num_samples`` times, so the samples of a prompt share its prefill; a
+    sequence that has ended leaves the batch. Seeded per sequence (:func:`_row_generators`:
+    seed, prompt index, sample index), so a sample's draws do not depend on which sequences
+    share its batch or when they end (its logits may, in the last bits, through the
+    padding of a batch); the global RNG is left alone. ``progress(done, total)`` counts
+    prompts.
+    """
+    tok = tokenizer if tokenizer is not None else handle.tokenizer
+    model = _unwrap(handle)
+    device = _model_device(model)
+    pad = _pad_id(tok)
+    eos = tok.eos_token_id
+    k = max(1, int(num_samples))
+    keep = max(1, max_length - max_new_tokens)
+    ids = [encode_prompt(tok, p)[-keep:] for p in prompts]
+    new: list[list[list[int]]] = [[[] for _ in range(k)] for _ in ids]
+    per_batch = max(1, batch_size // k)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    done_prompts = 0
+    with _EvalMode(model):
+        for b in range(0, len(order), per_batch):
+            idx = order[b:b + per_batch]
+            length = max(len(ids[i]) for i in idx)
+            x = torch.full((len(idx), length), pad, dtype=torch.long)
+            attn = torch.zeros((len(idx), length), dtype=torch.long)
+            for r, i in enumerate(idx):
+                x[r, length - len(ids[i]):] = torch.tensor(ids[i], dtype=torch.long)
+                attn[r, length - len(ids[i]):] = 1
+            x, attn = x.to(device), attn.to(device)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            logits, past = _last_logits(model, input_ids=x, attention_mask=attn, position_ids=pos)
+            if k > 1:
+                past[1].batch_repeat_interleave(k)
+                logits = logits.repeat_interleave(k, dim=0)
+                attn = attn.repeat_interleave(k, dim=0)
+                pos = pos.repeat_interleave(k, dim=0)
+            rows = [(i, j) for i in idx for j in range(k)]  # (prompt, sample) of each row
+            gens = _row_generators(seed, [i * k + j for i, j in rows])
+            for _ in range(max_new_tokens):
+                nxt = _nucleus_draw(logits, gens, temperature, top_p)
+                alive = []
+                for r, ((i, j), t) in enumerate(zip(rows, nxt.tolist())):
+                    new[i][j].append(t)
+                    if t != eos:
+                        alive.append(r)
+                if not alive or len(new[rows[0][0]][rows[0][1]]) >= max_new_tokens:
+                    break
+                if len(alive) < len(rows):  # ended sequences leave the batch
+                    sel = torch.tensor(alive, device=device)
+                    past[1].batch_select_indices(sel)
+                    nxt, attn, pos = nxt[sel], attn[sel], pos[sel]
+                    rows = [rows[r] for r in alive]
+                    gens = [gens[r] for r in alive]
+                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+                pos = pos[:, -1:] + 1
+                logits, past = _last_logits(model, past, input_ids=nxt.unsqueeze(-1),
+                                            attention_mask=attn, position_ids=pos)
+            del past
+            done_prompts += len(idx)
+            if progress is not None:
+                progress(done_prompts, len(ids))
+    return [[Encoded(input_ids=list(p) + c, start=len(p)) for c in cs] for p, cs in zip(ids, new)]
+
+
+def decode_responses(tokenizer: Any, samples: Sequence[Encoded]) -> list[str]:
+    """The text of each sampled response (the tokens after ``start``, special tokens such
+    as the end-of-turn token left out)."""
+    return [tokenizer.decode(e.input_ids[e.start:], skip_special_tokens=True) for e in samples]
+
+
 # ---------------------------------------------------------------------------- KL of two saved models
 # (``realign kl`` and the MCP tool ``compute_kl`` call this; the pipeline measures KL in
 # stages 3 and 5 with kl_on_probe directly.)
 
 
-from .base import KLBetween  # noqa: E402  (the model lives in the torch-free base)
+from .base import KLBetween
 
 
 def kl_between(policy: str | Path, probe: str | Path, reference: str | Path | None = None, *,

@@ -319,8 +319,19 @@ def make_dpo_trainer_class() -> type:
                 out = self._sorted_ref_logps(model, dataset, batch_size)
                 self.ref_precompute_method = "realign"
             else:
-                with completion_only_lm_head(self.accelerator.device):
-                    out = super()._precompute_ref_logps(dataset, name, batch_size)
+                import os
+
+                # TRL's loop draws its own tqdm bar on stderr (realign shows its progress)
+                was = os.environ.get("TQDM_DISABLE")
+                os.environ["TQDM_DISABLE"] = "1"
+                try:
+                    with completion_only_lm_head(self.accelerator.device):
+                        out = super()._precompute_ref_logps(dataset, name, batch_size)
+                finally:
+                    if was is None:
+                        os.environ.pop("TQDM_DISABLE", None)
+                    else:
+                        os.environ["TQDM_DISABLE"] = was
                 self.ref_precompute_method = "trl"
             self.ref_cache_seconds = time.perf_counter() - t0
             type(self).ref_cache_misses += 1

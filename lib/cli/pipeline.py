@@ -92,6 +92,11 @@ def _print_status(status: object, verbose: bool = True) -> None:
             for w in (s.verdict.warnings if s.verdict else []):
                 out.print(f"[yellow]warning ({s.name}):[/] {escape(w)}")
     out.print(f"run directory: {status.run_dir}")
+    from ..rundir import RunDir
+
+    rd = RunDir(status.run_dir)
+    if rd.report_html.exists():
+        out.print(f"report: {rd.report_html} (and {rd.report_md.name})")
 
 
 def _guard(fn: Callable[[], object]) -> object:
@@ -107,7 +112,11 @@ def _guard(fn: Callable[[], object]) -> object:
 
 
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="run config (YAML; see templates.md)")],
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c",
+        help="run config (YAML; see templates.md). Without it: the default run, all seven "
+             "stages on the embedded SmolLM2-135M-Instruct with the shipped verifiable "
+             "prompts and the offline suites")] = None,
     run_id: Annotated[Optional[str], typer.Option(
         help="name of the run directory: one folder name (letters, digits, '.', '_', '-')")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final run status as JSON")] = False,
@@ -117,6 +126,9 @@ def run(
 ) -> None:
     """Run the pipeline stages of a config, gate by gate, in a new run directory.
 
+    With no --config, the default run: all seven stages on the embedded default model,
+    the shipped verifiable prompt set (stage 2 generates the pairs) and the offline
+    suites, sized for a 2-core CPU (docs/iterative-training.md#the-default-run).
     The config is checked first (model, data and eval paths, every data row, step
     counts); bad input exits 2 before the run directory exists.
     """
@@ -124,7 +136,17 @@ def run(
     from ..pipeline import create_run, preflight, run_stages
     from ..rundir import check_run_id
 
-    cfg = _guard(lambda: load_config(config, overrides=list(overrides) if overrides else None))
+    if config is None:
+        cfg = _guard(lambda: _default_config(list(overrides or [])))
+        from ..default_run import DEFAULT_RUN_NOTES
+
+        err.print("the default run: all seven stages on SmolLM2-135M-Instruct with the "
+                  "shipped sentiment prompts (realign run --help; "
+                  "docs/iterative-training.md#the-default-run)")
+        for note in DEFAULT_RUN_NOTES:
+            err.print(f"  note: {escape(note)}")
+    else:
+        cfg = _guard(lambda: load_config(config, overrides=list(overrides) if overrides else None))
     if run_id is not None:
         _guard(lambda: check_run_id(run_id))
         cfg = cfg.model_copy(update={"run_id": run_id})  # type: ignore[union-attr]
@@ -134,6 +156,22 @@ def run(
     with stage_progress(err.is_terminal or not as_json) as cb:
         status = _guard(lambda: run_stages(run_dir, progress=cb))  # type: ignore[arg-type]
     _finish(status, as_json)
+
+
+def _default_config(overrides: list[str]) -> object:
+    """The default run's config with ``KEY=VALUE`` overrides (checked by the same schema)."""
+    from pydantic import ValidationError
+
+    from ..config import RunConfig, apply_overrides
+    from ..default_run import default_config
+
+    data = apply_overrides(default_config().model_dump(mode="json"), overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InputError(f"{first['msg']} (override {' '.join(overrides)})",
+                         field=".".join(str(x) for x in first["loc"])) from None
 
 
 def resume(

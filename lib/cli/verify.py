@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import RealignError
 from ..gates import EXIT_CODES
+from ..gates import PRESETS
 from ..verifiers import RLVR_VERIFIABILITY_MIN
 from ._common import STATUS_STYLE, fail_input, out
 
@@ -23,7 +24,8 @@ def verify(
     cpu_seconds: Annotated[int, typer.Option(help="CPU seconds per code row (RLIMIT_CPU)")] = 5,
     wall_seconds: Annotated[float, typer.Option(help="wall-clock seconds per code row")] = 10.0,
     memory_mb: Annotated[int, typer.Option(help="address space per code row, MiB (RLIMIT_AS)")] = 512,
-    min_share: Annotated[Optional[float], typer.Option(help=f"gate: least share of rows a verifier can check (default {RLVR_VERIFIABILITY_MIN:g})")] = None,
+    min_share: Annotated[Optional[float], typer.Option(help=f"gate: least share of rows a verifier can check (default: the preset's; standard {RLVR_VERIFIABILITY_MIN:g})")] = None,
+    preset: Annotated[str, typer.Option(help="threshold preset: relaxed, standard, strict")] = "standard",
     show: Annotated[int, typer.Option(help="rows in the table (0: all)")] = 50,
 ) -> None:
     """Check responses with real verifiers (math, code, instructions, exact) and the share
@@ -35,6 +37,8 @@ def verify(
 
     if workers < 1:
         fail_input("--workers must be ≥ 1")
+    if preset not in PRESETS:
+        fail_input(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     if min_share is not None and not 0 <= min_share <= 1:
         fail_input("--min-share must be between 0 and 1")
     try:
@@ -45,7 +49,8 @@ def verify(
         fail_input(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
         raise  # unreachable
     try:
-        report = verify_file(data, workers=workers, limits=limits, threshold=min_share)
+        report = verify_file(data, workers=workers, limits=limits, threshold=min_share,
+                             preset=preset)
     except (RealignError, ValueError) as e:
         fail_input(str(e))
         raise  # unreachable

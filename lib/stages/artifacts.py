@@ -43,6 +43,12 @@ class PreferenceDataArtifacts(StageArtifacts):
     heldout_pairs: int | None = None
     train_digest: str | None = None
     heldout_digest: str | None = None
+    # generation mode (config ``prompts``): the sampled pairs and every prompt with its
+    # ground truth (stage 6 samples from the train prompts, stages 6 and 7 measure on the
+    # held-out ones)
+    generated: str | None = None
+    train_prompts: str | None = None
+    heldout_prompts: str | None = None
 
 
 class ReferenceInitArtifacts(StageArtifacts):
@@ -75,9 +81,13 @@ class DPOArtifacts(StageArtifacts):
 
 
 class IterativeArtifacts(StageArtifacts):
-    """Stage 6: the last accepted iteration's policy (the stage is not built yet)."""
+    """Stage 6: the best passing iteration's policy (iteration 0: stage 5's model)."""
 
     model: str | None = None
+    model_digest: str | None = None
+    selected_iteration: int | None = None
+    metrics: str | None = None
+    state: str | None = None
 
 
 class EvaluationArtifacts(StageArtifacts):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +62,40 @@ class RunContext:
         ``model`` (``default`` resolved to the embedded SmolLM2)."""
         model = self.artifacts("sft_baseline").model
         return str(model) if model else str(resolve_model(self.config.model))
+
+
+#: Ground-truth keys whose presence makes a prompt row checkable by a verifier.
+_TRUTH = ("answer", "tests", "instructions", "instruction_id_list")
+
+
+def generation_scorer(ctx: RunContext, rows: Sequence[Any], *, stage: int) -> tuple[str, str | None]:
+    """(scorer, reward model path) for pair generation in ``stage`` (2 or 6) over prompt
+    ``rows`` (:class:`realign.generation.PromptRow`): ``generation.scorer``, with ``auto``
+    meaning the verifier when any row carries ground truth, else the reward model
+    (``generation.reward_model``; in stage 6 the stage-4 model when that is null). Raises
+    :class:`realign.errors.InputError` naming the field when the choice cannot work."""
+    from ..errors import InputError
+
+    g = ctx.config.generation
+    has_truth = any(r.truth.get(k) is not None for r in rows for k in _TRUTH)
+    scorer = g.scorer if g.scorer != "auto" else ("verifier" if has_truth else "reward_model")
+    if scorer == "verifier":
+        if not has_truth:
+            raise InputError("generation.scorer is verifier but no prompt row carries an "
+                             "answer, tests or instructions to verify against",
+                             field="generation.scorer")
+        return scorer, None
+    rm = g.reward_model
+    if rm is None and stage == 6:
+        rm = ctx.artifacts("reward_model").reward_model
+    if not rm:
+        where = ("set generation.reward_model to a trained reward model (stage 4 runs after "
+                 "stage 2)" if stage == 2 else "keep reward_model in stages or set "
+                 "generation.reward_model")
+        raise InputError(f"the samples need a scorer: the prompts carry no ground truth for "
+                         f"the verifier, and there is no reward model ({where})",
+                         field="generation.reward_model")
+    return scorer, str(rm)
 
 
 def load_reference(ctx: RunContext, backend: Any, model: str | None = None) -> Any:

@@ -1,8 +1,9 @@
-"""Stage 7, evaluation: deploy or reject the stage-5 policy against the stage-1 baseline.
+"""Stage 7, evaluation: deploy or reject the policy (stage 6's selected iteration when
+stage 6 ran, else stage 5's) against the stage-1 baseline.
 
 What runs (docs/evaluation-monitoring.md says the same):
 
-* **Benchmarks.** The policy (stage-5 artifact ``model``) is evaluated through
+* **Benchmarks.** The policy (stage 6's artifact ``model``, else stage 5's) is evaluated through
   :func:`realign.evaluation.evaluate_model` on the suites stage 1 recorded
   (``sft.benchmarks``; ``baseline_benchmarks.json``), with the same item ``limit``.
   Per benchmark b, retention R_b = mean(after_b) ÷ mean(before_b) over the same items,
@@ -32,10 +33,14 @@ What runs (docs/evaluation-monitoring.md says the same):
   Gate ``win_rate`` = (wins + ties ÷ 2) ÷ judged prompts
   (:func:`realign.metrics.win_rate`, bootstrap 95% CI); no prompt judged →
   ``unmeasured``.
+* **Reward-hacking guard** (:mod:`realign.reward_hacking`) on the same greedy responses:
+  ``length_ratio`` (the policy's mean words ÷ those of the baseline's verified answers),
+  ``prompt_echo`` (share echoing the prompt, policy − baseline) and ``distinct_ratio``
+  (distinct-2, policy ÷ baseline); findings ``reward_hacking_guard``.
 * **Decision** (findings ``decision``, ``reasons``): ``deploy`` when every gate passes,
   else ``reject`` with one reason per failed or unmeasured gate (unmeasured never counts
   as a pass). Deploy writes the model card (:mod:`realign.model_card`: ``README.md`` in
-  the stage-5 model folder) and then ``deployed_model.json`` in the run directory. On a reject
+  the policy's folder) and then ``deployed_model.json`` in the run directory. On a reject
   with ``evaluation.rollback_on_regression: true``, the pipeline runs
   :func:`realign.rollback.rollback` at once (same as ``realign rollback RUN``).
 
@@ -60,14 +65,24 @@ from .context import RunContext
 NAME = "evaluation"
 
 
-def model_card(ctx: RunContext, verdict: StageVerdict, policy: Any) -> Any:
+def evaluated_policy(ctx: RunContext) -> tuple[str | None, str]:
+    """(the model stage 7 evaluates, what it is): stage 6's selected iteration when stage 6
+    ran, else stage 5's selected model."""
+    s6 = ctx.artifacts("iterative")
+    if s6.model:
+        return s6.model, f"stage 6 iteration {s6.selected_iteration}"
+    return ctx.artifacts("dpo").model, "stage 5 selected model"
+
+
+def model_card(ctx: RunContext, verdict: StageVerdict, policy: Any,
+               source: str = "stage 5 selected model") -> Any:
     """Write the deployed policy's model card (:func:`realign.model_card.write_model_card`,
     before ``deployed_model.json`` points at it); a failure is a warning on the verdict,
     never a failed stage. Returns the card's path, or None."""
     from ..model_card import write_model_card
 
     try:
-        return write_model_card(ctx.run_dir, model=policy, source="stage 5 selected model",
+        return write_model_card(ctx.run_dir, model=policy, source=source,
                                 decided_by="stage 7", evaluation=verdict)
     except Exception as e:  # noqa: BLE001 - the deploy stands without its card
         verdict.warnings.append(f"model card not written: {type(e).__name__}: {e}")
@@ -79,10 +94,10 @@ def run(ctx: RunContext) -> StageVerdict:
 
     quiet_hf()
     out = ctx.stage_dir(NAME)
-    policy = ctx.artifacts("dpo").model
+    policy, source = evaluated_policy(ctx)
     if not policy:
-        raise RuntimeError("stage 7 needs the stage-5 model (artifact 'model' of stage dpo); "
-                           "run stage 5 first")
+        raise RuntimeError("stage 7 needs the stage-5 model (artifact 'model' of stage dpo) "
+                           "or stage 6's; run stage 5 first")
     a = assessment.assess(ctx, policy, out)
     decision, reasons = assessment.decide(a.gates)
     findings: dict[str, Any] = {
@@ -90,6 +105,9 @@ def run(ctx: RunContext) -> StageVerdict:
         "evaluated_model": str(policy), "baseline_model": ctx.base_model(),
         "retention": {k: v.model_dump(mode="json") for k, v in a.retention.items()},
     }
+    findings["evaluated_source"] = source
+    if a.guard is not None:
+        findings["reward_hacking_guard"] = a.guard
     if a.win is not None:
         findings["win_rate"] = {"wins": a.win.wins, "ties": a.win.ties, "losses": a.win.losses,
                                 "judges": a.win.judges, "not_judged": a.win.skipped}
@@ -101,9 +119,8 @@ def run(ctx: RunContext) -> StageVerdict:
     warnings = list(a.warnings)
     verdict = make_verdict(NAME, a.gates, ctx.thresholds, findings, artifacts, warnings)
     if decision == "deploy" and is_main_process():
-        card = model_card(ctx, verdict, policy)
-        ctx.rundir.write_deployed(policy, source="stage 5 selected model", decided_by="stage 7",
-                                  gates=a.gates)
+        card = model_card(ctx, verdict, policy, source)
+        ctx.rundir.write_deployed(policy, source=source, decided_by="stage 7", gates=a.gates)
         verdict.artifacts["deployed_model"] = str(policy)
         if card is not None:
             verdict.artifacts["model_card"] = str(card)

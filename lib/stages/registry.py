@@ -53,7 +53,7 @@ class StageSpec:
 REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("sft_baseline", 1, "SFT baseline", "sft_baseline", (), SFTBaselineArtifacts,
               "docs/sft-preparation.md"),
-    StageSpec("preference_data", 2, "Preference data", "preference_data", (),
+    StageSpec("preference_data", 2, "Preference data", "preference_data", ("sft_baseline",),
               PreferenceDataArtifacts, "docs/preference-data-generation.md"),
     StageSpec("reference_init", 3, "Reference init", "reference_init",
               ("sft_baseline", "preference_data"), ReferenceInitArtifacts,
@@ -63,15 +63,15 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
               "docs/preference-modeling.md"),
     StageSpec("dpo", 5, "DPO", "dpo", ("sft_baseline", "preference_data", "reference_init"),
               DPOArtifacts, "docs/dpo-optimization.md"),
-    StageSpec("iterative", 6, "Iterative training", None,
-              ("preference_data", "reference_init", "reward_model", "dpo"), IterativeArtifacts,
-              "docs/iterative-training.md"),
+    StageSpec("iterative", 6, "Iterative training", "iterative",
+              ("sft_baseline", "preference_data", "reference_init", "reward_model", "dpo"),
+              IterativeArtifacts, "docs/iterative-training.md"),
     StageSpec("evaluation", 7, "Evaluation", "evaluation",
-              ("sft_baseline", "preference_data", "reward_model", "dpo"), EvaluationArtifacts,
-              "docs/evaluation-monitoring.md"),
+              ("sft_baseline", "preference_data", "reward_model", "dpo", "iterative"),
+              EvaluationArtifacts, "docs/evaluation-monitoring.md"),
 )}
 
-#: The stages a run can execute, in order, name -> number (stage 6 is not built yet).
+#: The stages a run can execute, in order, name -> number.
 STAGES: dict[str, int] = {n: s.number for n, s in REGISTRY.items() if s.built}
 
 

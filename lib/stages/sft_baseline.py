@@ -30,7 +30,21 @@ NAME = "sft_baseline"
 
 
 def heldout_rows(ctx: RunContext) -> list[dict[str, Any]]:
+    """The held-out rows whose ``chosen`` responses stage 1 scores: the preference data's
+    held-out split, or in generation mode the held-out prompts (the split stage 2 makes)
+    with their reference ``answer`` as the response (rows without one are left out)."""
     cfg = ctx.config
+    if cfg.prompts is not None:
+        from ..generation import read_prompt_rows, split_prompts
+        from ..messages import as_messages
+
+        _, held_p = split_prompts(read_prompt_rows(cfg.prompts), fraction=cfg.heldout.fraction,
+                                  min_pairs=cfg.heldout.min_pairs,
+                                  max_pairs=cfg.heldout.max_pairs, seed=cfg.seed)
+        return [{"prompt": as_messages(r.prompt, "user"),
+                 "chosen": as_messages(r.reference, "assistant")}
+                for r in held_p if r.reference is not None]
+    assert cfg.data is not None
     rows = [to_trl_row(r) for r in read_rows(cfg.data, cfg.data_split)]
     _, held = split_heldout(rows, fraction=cfg.heldout.fraction, min_pairs=cfg.heldout.min_pairs,
                             max_pairs=cfg.heldout.max_pairs, seed=cfg.seed)
@@ -98,12 +112,21 @@ def run(ctx: RunContext) -> StageVerdict:
         handle = backend.load(model_path, device=cfg.device)
 
     ctx.progress(0, None, "measuring baseline perplexity")
-    lp = backend.completion_logprobs(handle, prompts, completions, max_length=cfg.sft.max_length)
-    ppl = perplexity(lp.token_logps)
-    tokens = sum(lp.counts)
-    gates = [ctx.thresholds.evaluate(
-        "baseline_perplexity", ppl,
-        detail=f"exp(mean NLL) over {tokens} tokens of {len(completions)} held-out responses")]
+    if completions:
+        lp = backend.completion_logprobs(handle, prompts, completions,
+                                         max_length=cfg.sft.max_length)
+        ppl = perplexity(lp.token_logps)
+        tokens = sum(lp.counts)
+        what = ("reference answers of held-out prompts" if cfg.prompts is not None and
+                not cfg.sft.dataset else "held-out responses")
+        gates = [ctx.thresholds.evaluate(
+            "baseline_perplexity", ppl,
+            detail=f"exp(mean NLL) over {tokens} tokens of {len(completions)} {what}")]
+    else:
+        gates = [ctx.thresholds.evaluate(
+            "baseline_perplexity", None,
+            detail="unmeasured: no held-out response to score (the held-out prompts carry no "
+                   "reference answer; give sft.dataset to measure on SFT data)")]
 
     if cfg.sft.benchmarks:
         try:
