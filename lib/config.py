@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 BreachPolicy = Literal["stop", "halve_lr", "rollback"]
+#: ``backend``: the training framework of stages 1, 3, 5 and 6 (see RunConfig.backend).
+BackendName = Literal["auto", "trl", "mlx"]
 
 #: Tokens per sequence (prompt + response, after the chat template) when a config does not
 #: say otherwise: the default of ``sft.max_length``, ``reward.max_length`` and
@@ -699,7 +701,20 @@ class RunConfig(_Strict):
     device: str | None = Field(
         None,
         description="torch device for every stage: cuda, cuda:N, mps or cpu. null: the best "
-                    "available (cuda, then mps, then cpu). Default: null.")
+                    "available (cuda, then mps, then cpu). With backend mlx, stages 1, 3, 5 "
+                    "and 6 read it as MLX's device: cpu, or gpu/mps/cuda for MLX's GPU. "
+                    "Default: null.")
+    backend: BackendName = Field(
+        "auto",
+        description="Training framework of stages 1, 3, 5 and 6 (perplexity, initial KL and "
+                    "the KL probe, DPO with the KL monitor and its held-out gates, the "
+                    "iterative DPO rounds): trl (PyTorch: transformers + TRL + PEFT), mlx "
+                    "(mlx + mlx-lm; install with pip install -e '.[mlx]') or auto: mlx on "
+                    "Apple Silicon (macOS on arm64) when mlx and mlx-lm are installed, else "
+                    "trl (realign.backends.default_backend_name), resolved once when the run "
+                    "starts. Stages 2, 4 and 7 (generation, reward model, benchmarks) always "
+                    "run on PyTorch; a model saved by MLX is a safetensors folder they load. "
+                    "Default: auto.")
     heldout: HeldoutConfig = Field(
         default_factory=HeldoutConfig,
         description="The train / held-out split of the usable pairs (see its fields).")

@@ -19,7 +19,8 @@ What a round does (docs/dpo-optimization.md has the rules):
 * detectors (warnings): likelihood displacement, saturation, length exploitation, and
   every breach action.
 
-Gates, saving and the held-out measurements are the caller's.
+Gates, saving and the held-out measurements are the caller's. The MLX round with the same
+contract is :mod:`realign.dpo_round_mlx` (``round_runner`` picks one by the run's backend).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class RoundResult:
 
     @property
     def global_step(self) -> int:
-        return int(self.trainer.state.global_step)
+        state = getattr(self.trainer, "state", None)  # TRL's Trainer; MLXDPOTrainer: .step
+        return int(state.global_step if state is not None else self.trainer.step)
 
 
 def run_round(*, backend: Any, ref: Any, policy: Any, train_rows: list[dict[str, Any]],

@@ -112,7 +112,7 @@ class KLMonitor:
                  initial_kl: float | None = None, initial_threshold: float | None = None,
                  reference_weights: dict[str, Any] | None = None,
                  state_dir: Path | None = None) -> None:
-        from .backends.trl import ReferenceDistributions, encode_pair
+        from .backends.encoding import encode_pair
 
         self.backend, self.ref = backend, ref
         self.beta, self.threshold, self.every = beta, threshold, every
@@ -133,8 +133,7 @@ class KLMonitor:
             rp = reference_probe_stats(backend, ref, probe, max_length=max_length, batch_size=batch_size)
         self.ref_c, self.ref_r = rp["ref_chosen"], rp["ref_rejected"]
         self.ref_answers: list[str] = rp["answers"]
-        self.ref_for_kl: Any = (ReferenceDistributions(logps=rp["distributions"])
-                                if rp.get("distributions") is not None else ref.model)
+        self.ref_for_kl: Any = self._reference_for_kl(rp)
         self.checks: list[dict[str, Any]] = []
         self.trl_logs: list[dict[str, float]] = []
         self.breaches = 0
@@ -149,18 +148,40 @@ class KLMonitor:
         self.resumed_from: int | None = None  # the checkpoint step whose state was loaded
         self._pending: dict[str, Any] | None = None  # resumed weights, resolved at train begin
 
-    # -- measurement -------------------------------------------------------------
-    def measure(self, model: Any, step: int) -> dict[str, Any]:
-        from .backends.trl import ModelHandle, kl_on_probe
+    # -- backend hooks (torch here; realign.dpo_round_mlx.MLXKLMonitor: MLX) --------
+    def _reference_for_kl(self, rp: dict[str, Any]) -> Any:
+        """The reference :meth:`measure` compares against: the precomputed distributions
+        when stage 3 kept them, else the reference model."""
+        from .backends.trl import ReferenceDistributions
 
-        kl = kl_on_probe(model, self.ref_for_kl, encoded=self.chosen_enc,
-                         tokenizer=self.ref.tokenizer, batch_size=self.batch_size)
-        handle = ModelHandle(model=model, tokenizer=self.ref.tokenizer, device=self.ref.device,
-                             source="policy")
-        assert kl.policy_token_logps is not None  # same forward pass as the KL
-        pol_c = [float(sum(x)) for x in kl.policy_token_logps]
-        pol_r = self.backend.completion_logprobs(handle, [], [], encoded=self.rejected_enc,
-                                                 batch_size=self.batch_size).sums
+        return (ReferenceDistributions(logps=rp["distributions"])
+                if rp.get("distributions") is not None else self.ref.model)
+
+    @staticmethod
+    def _trainable(model: Any) -> dict[str, Any]:
+        """The trainable parameters of ``model``, by name."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def _equal(a: Any, b: Any) -> bool:
+        import torch
+
+        return bool(torch.equal(a.detach(), b.detach().to(a.device)))
+
+    @staticmethod
+    def _save_weights(tensors: dict[str, Any], path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(path))
+
+    @staticmethod
+    def _load_weights(path: Path) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+
+    def _record(self, step: int, kl: Any, pol_c: list[float], pol_r: list[float]) -> dict[str, Any]:
+        """A check's record from the KL result and the policy's probe log-probs."""
         margins = [self.beta * ((pc - rc) - (pr - rr))
                    for pc, rc, pr, rr in zip(pol_c, self.ref_c, pol_r, self.ref_r)]
         m = margin_stats(margins)
@@ -173,13 +194,25 @@ class KLMonitor:
             "passed": kl.mean <= self.threshold,
         }
 
+    # -- measurement -------------------------------------------------------------
+    def measure(self, model: Any, step: int) -> dict[str, Any]:
+        from .backends.trl import ModelHandle, kl_on_probe
+
+        kl = kl_on_probe(model, self.ref_for_kl, encoded=self.chosen_enc,
+                         tokenizer=self.ref.tokenizer, batch_size=self.batch_size)
+        handle = ModelHandle(model=model, tokenizer=self.ref.tokenizer, device=self.ref.device,
+                             source="policy")
+        assert kl.policy_token_logps is not None  # same forward pass as the KL
+        pol_c = [float(sum(x)) for x in kl.policy_token_logps]
+        pol_r = self.backend.completion_logprobs(handle, [], [], encoded=self.rejected_enc,
+                                                 batch_size=self.batch_size).sums
+        return self._record(step, kl, pol_c, pol_r)
+
     def start(self, model: Any) -> dict[str, Any]:
         """Step 0, measured on the policy the trainer starts from (as every later check).
         Its weights are held by reference to the frozen reference's when they are equal
         to them (full fine-tuning), instead of a second copy. A step-0 KL at or above the
         ``initial_kl`` threshold is a warning: stage 5 does not start at the reference."""
-        import torch
-
         t0 = time.perf_counter()
         rec = _from_rank0({**self.measure(model, 0), "source": "measured at the start of stage 5"})
         if self.initial_threshold is not None and rec["kl"] >= self.initial_threshold:
@@ -189,11 +222,11 @@ class KLMonitor:
                 f"{self.initial_kl if self.initial_kl is not None else float('nan'):.3g}); every "
                 "KL number of this stage is measured against a different starting point")
         if rec["passed"]:
-            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            params = self._trainable(model)
             rw = self.reference_weights
             same = rw is not None and params.keys() <= rw.keys() and all(
-                torch.equal(p.detach(), rw[n].detach().to(p.device)) for n, p in params.items())
-            weights = {n: rw[n].detach() for n in params} if same and rw is not None \
+                self._equal(p, rw[n]) for n, p in params.items())
+            weights = {n: rw[n] for n in params} if same and rw is not None \
                 else self.snapshot(model)
             self._weights_are_reference = same
             self.last_good, self.last_good_step = weights, 0
@@ -283,8 +316,6 @@ class KLMonitor:
         weights of the best and the last passing checks, unless the checkpoint itself
         holds them (their step is ``step``) or the reference does (step 0, equal to it).
         Called by the trainer inside the save, before the completion marker."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         state = self.state()
         tensors: dict[str, Any] = {}
@@ -301,9 +332,9 @@ class KLMonitor:
             else:
                 state[key]["weights"] = f"step{s}"
                 for n, t in weights.items():
-                    tensors[f"step{s}/{n}"] = t.detach().to("cpu").contiguous()
+                    tensors[f"step{s}/{n}"] = t
         if tensors:
-            save_file(tensors, str(folder / CHECKPOINT_WEIGHTS))
+            self._save_weights(tensors, folder / CHECKPOINT_WEIGHTS)
         write_json_atomic(folder / CHECKPOINT_STATE, {**state, "step": step})
 
     def load_checkpoint_state(self, folder: Path, run_dir: Path) -> bool:
@@ -345,20 +376,18 @@ class KLMonitor:
             if src == "checkpoint":
                 return self.snapshot(model)
             if src == "reference":
-                trainable = [n for n, q in model.named_parameters() if q.requires_grad]
+                trainable = list(self._trainable(model))
                 rw = self.reference_weights or {}
                 if not set(trainable) <= rw.keys():
                     raise InputError("the checkpoint's KL-monitor state names the reference "
                                      "weights, which this policy cannot take", file=p["folder"])
                 self._weights_are_reference = True
-                return {n: rw[n].detach() for n in trainable}
+                return {n: rw[n] for n in trainable}
             if src not in loaded:
-                from safetensors.torch import load_file
-
                 wf = inside_run_dir(p["folder"] / CHECKPOINT_WEIGHTS, p["run_dir"],
                                     what="checkpoint weights")
                 prefix = f"{src}/"
-                loaded[src] = {k[len(prefix):]: v for k, v in load_file(str(wf)).items()
+                loaded[src] = {k[len(prefix):]: v for k, v in self._load_weights(wf).items()
                                if k.startswith(prefix)}
                 if not loaded[src]:
                     raise InputError(f"no weights for {src} in {CHECKPOINT_WEIGHTS}", file=wf)
@@ -456,10 +485,17 @@ def measure_heldout(backend: Any, policy: Any, ref: Any, *, prompts: list[Any],
       mean, normal 95% CI and accuracy (:func:`margin_stats`).
 
     An empty ``prompts`` or ``pairs`` leaves that part None. Wall seconds of each part are
-    in ``seconds``.
+    in ``seconds``. With the MLX backend (``backend.name == "mlx"``) the same measurement
+    runs on MLX (:func:`realign.backends.mlx.sample_responses`, ``kl_on_probe``); its
+    draws come from MLX's generator, so the sampled responses differ from TRL's.
     """
-    from .backends.trl import encode_pair, kl_on_probe, sample_responses
+    from .backends.encoding import encode_pair
 
+    mlx = getattr(backend, "name", "trl") == "mlx"
+    if mlx:  # the same definitions on MLX (realign.backends.mlx)
+        from .backends.mlx import kl_on_probe, sample_responses
+    else:
+        from .backends.trl import kl_on_probe, sample_responses  # type: ignore[assignment]
     out: dict[str, Any] = {"sampled": None, "teacher_forced": None, "margin": None, "seconds": {}}
     secs = out["seconds"]
     tok = ref.tokenizer
@@ -481,11 +517,16 @@ def measure_heldout(backend: Any, policy: Any, ref: Any, *, prompts: list[Any],
         t0 = time.perf_counter()
         chosen = [encode_pair(tok, r["prompt"], r["chosen"], max_length) for r in pairs]
         rejected = [encode_pair(tok, r["prompt"], r["rejected"], max_length) for r in pairs]
-        kl = kl_on_probe(policy, ref, encoded=chosen, tokenizer=tok, batch_size=batch_size,
-                         reference_logps=True)
-        assert kl.policy_token_logps is not None and kl.reference_token_logps is not None
+        if mlx:
+            kl = kl_on_probe(policy, ref, encoded=chosen, tokenizer=tok, batch_size=batch_size)
+            assert kl.policy_token_logps is not None
+            ref_c = backend.completion_logprobs(ref, [], [], encoded=chosen, batch_size=batch_size).sums
+        else:
+            kl = kl_on_probe(policy, ref, encoded=chosen, tokenizer=tok, batch_size=batch_size,
+                             reference_logps=True)
+            assert kl.policy_token_logps is not None and kl.reference_token_logps is not None
+            ref_c = [float(sum(x)) for x in kl.reference_token_logps]
         pol_c = [float(sum(x)) for x in kl.policy_token_logps]
-        ref_c = [float(sum(x)) for x in kl.reference_token_logps]
         pol_r = backend.completion_logprobs(policy, [], [], encoded=rejected, batch_size=batch_size).sums
         ref_r = backend.completion_logprobs(ref, [], [], encoded=rejected, batch_size=batch_size).sums
         secs["pairs"] = time.perf_counter() - t0

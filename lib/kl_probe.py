@@ -77,8 +77,12 @@ def reference_probe_stats(backend, ref, probe: list[dict], *, max_length: int,  
     next-token log-distributions on the chosen responses (for exact KL without a
     reference forward pass per check, when they fit :data:`REF_DIST_MAX_BYTES`), and the
     reference's greedy answers to the first probe prompts (for the length detector)."""
-    from .backends.trl import encode_pair, reference_distributions
+    from .backends.encoding import encode_pair
 
+    if getattr(backend, "name", "trl") == "mlx":
+        from .backends.mlx import reference_distributions
+    else:
+        from .backends.trl import reference_distributions
     tok = ref.tokenizer
     chosen = [encode_pair(tok, r["prompt"], r["chosen"], max_length) for r in probe]
     rejected = [encode_pair(tok, r["prompt"], r["rejected"], max_length) for r in probe]
@@ -90,7 +94,8 @@ def reference_probe_stats(backend, ref, probe: list[dict], *, max_length: int,  
                                     max_new_tokens=LENGTH_PROBE_TOKENS),
         "distributions": None,
     }
-    vocab = int(getattr(ref.model.config, "vocab_size", 0) or 0)
+    cfg = getattr(ref.model, "config", None) or getattr(ref, "config", None) or {}
+    vocab = int((cfg.get("vocab_size") if isinstance(cfg, dict) else getattr(cfg, "vocab_size", 0)) or 0)
     if 0 < sum(e.n_completion for e in chosen) * vocab * 4 <= REF_DIST_MAX_BYTES:
         data["distributions"] = reference_distributions(ref, chosen, batch_size=batch_size).logps
     return data
@@ -108,8 +113,9 @@ def save_reference_probe(backend, ref, probe: list[dict], path: Path, *, max_len
 
 
 def write_reference_probe(data: dict[str, Any], path: Path) -> Path:
-    """Write what :func:`reference_probe_stats` returns (see :func:`save_reference_probe`)."""
-    from safetensors.torch import save_file
+    """Write what :func:`reference_probe_stats` returns (see :func:`save_reference_probe`).
+    The distributions may be torch tensors or MLX / NumPy arrays (the file is the same
+    safetensors format either way)."""
 
     path = Path(path)
     if path.suffix != ".json":
@@ -125,7 +131,16 @@ def write_reference_probe(data: dict[str, Any], path: Path) -> Path:
     if dists is not None:
         tensors = path.with_suffix(".safetensors")
         with atomic_path(tensors, suffix=".safetensors") as tmp:
-            save_file({f"d{i}": t.contiguous() for i, t in enumerate(dists)}, str(tmp))
+            if all(hasattr(t, "contiguous") for t in dists):  # torch
+                from safetensors.torch import save_file
+
+                save_file({f"d{i}": t.contiguous() for i, t in enumerate(dists)}, str(tmp))
+            else:
+                import numpy as np
+                from safetensors.numpy import save_file as save_np
+
+                save_np({f"d{i}": np.ascontiguousarray(np.asarray(t, dtype=np.float32))
+                         for i, t in enumerate(dists)}, str(tmp))
         record["distributions"] = {"file": tensors.name, "count": len(dists),
                                    "sha256": _sha256(tensors)}
     write_json_atomic(path, record)
@@ -159,7 +174,7 @@ def _bad(path: Path, why: str) -> InputError:
 
 
 def load_reference_probe(path: str | Path, run_dir: str | Path, *,
-                         missing_ok: bool = False) -> dict[str, Any] | None:
+                         missing_ok: bool = False, framework: str = "pt") -> dict[str, Any] | None:
     """Read what :func:`save_reference_probe` wrote, from inside ``run_dir`` only
     (``missing_ok``: None when the file does not exist, so the caller recomputes it).
 
@@ -168,7 +183,8 @@ def load_reference_probe(path: str | Path, run_dir: str | Path, *,
     file it names beside it, whose sha256 must match. Anything else (a pickle such as an
     old ``reference_probe.pt``, a path or a symlink leading out of the run directory, a
     tensor file that is not the one recorded) is refused with an :class:`InputError`;
-    nothing is unpickled.
+    nothing is unpickled. ``framework``: the distributions as torch tensors (``pt``) or
+    NumPy arrays (``numpy``, for the MLX backend).
     """
     p = inside_run_dir(path, run_dir, what="stage 3's reference_probe")
     if missing_ok and not p.exists():
@@ -209,7 +225,10 @@ def load_reference_probe(path: str | Path, run_dir: str | Path, *,
         t = inside_run_dir(p.parent / name, run_dir, what="stage 3's reference distributions")
         if not t.is_file() or _sha256(t) != dist["sha256"]:
             raise _bad(p, f"{name} is missing or is not the file the record names (sha256)")
-        from safetensors.torch import load_file
+        if framework == "numpy":  # the MLX backend (no torch needed)
+            from safetensors.numpy import load_file
+        else:
+            from safetensors.torch import load_file  # type: ignore[no-redef]
 
         tensors = load_file(str(t))
         if sorted(tensors) != sorted(f"d{i}" for i in range(dist["count"])) or dist["count"] != len(ref_c):

@@ -133,7 +133,11 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
             if progress:
                 progress(done, total, msg)
 
-        ctx = RunContext(config=config, run_dir=rd.path, thresholds=thresholds, progress=report)
+        # the backend of stages 1, 3, 5 and 6, resolved once for the whole job
+        from .backends import resolve_backend_name
+
+        ctx = RunContext(config=config, run_dir=rd.path, thresholds=thresholds, progress=report,
+                         backend_name=resolve_backend_name(config.backend))
         write_status(rd.path, state="running", pid=os.getpid(), message="")
         try:
             for name in todo:
@@ -166,6 +170,8 @@ def run_stages(run_dir: Path, *, stages: list[str] | None = None, force: bool = 
                 verdict = stage_function(name)(ctx)
                 verdict.inputs = inputs
                 verdict.warnings.extend(notes)
+                # stages 1, 3, 5 and 6 record the run's backend; the others run on PyTorch
+                verdict.findings.setdefault("backend", ctx.backend_findings("trl"))
                 if name == "evaluation":
                     _after_evaluation(ctx, verdict)
                 allowed = [g.name for g in verdict.gates
@@ -300,7 +306,8 @@ def preflight(config: RunConfig, *, stages: Sequence[str] | None = None,
     epochs); the local ``model`` path (``default`` and hub ids are not checked here);
     ``data``, read through :class:`realign.data.PairSource` (every row parsed: a bad row
     is named by file, line and field unless ``skip_bad_rows``), or ``prompts`` (every row
-    parsed; the generation scorer usable); each of ``eval_sets``
+    parsed; the generation scorer usable); ``backend: mlx`` installed (mlx and mlx-lm) when
+    a stage that runs on it is to run; each of ``eval_sets``
     (:func:`realign.decontamination.load_eval_set`); ``sft.dataset``. ``source``, the
     config file, lets errors in config fields name their line. Nothing is written.
     """
@@ -319,6 +326,14 @@ def preflight(config: RunConfig, *, stages: Sequence[str] | None = None,
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise bad(f"output_dir {str(out)!r} is not a folder", "output_dir")
+    from .backends import BACKEND_STAGES, mlx_installed
+
+    if config.backend == "mlx" and any(s in BACKEND_STAGES for s in todo) and not mlx_installed():
+        raise bad("backend is mlx but mlx and mlx-lm are not installed: pip install -e '.[mlx]' "
+                  "(mlx[cpu] on Linux, mlx on Apple Silicon), or set backend: trl / auto", "backend")
+    if config.backend == "mlx" and "sft_baseline" in todo and config.sft.dataset:
+        raise bad("stage 1's SFT fine-tune (sft.dataset) runs on TRL only: use backend: trl, or "
+                  "run stage 1 with backend: trl first", "sft.dataset")
     steps = []
     if "dpo" in todo:
         steps.append(("dpo.max_steps", config.dpo.max_steps))

@@ -640,6 +640,46 @@ def _nullcontext() -> Iterator[None]:
     yield
 
 
+# ---------------------------------------------------------------- sampling (the KL gate)
+
+
+def sample_responses(handle: Any, prompts: Sequence[Prompt], *, max_new_tokens: int, seed: int,
+                     tokenizer: Any = None, batch_size: int = 8,
+                     max_length: int = DEFAULT_MAX_LENGTH) -> list[Encoded]:
+    """One response per prompt sampled from the model itself, as token ids — the
+    definition of :func:`realign.backends.trl.sample_responses` on MLX: pure ancestral
+    sampling at temperature 1 (y_t ~ softmax(logits_t) in float32, no logits processor),
+    each response stopping after its first EOS token (kept) or ``max_new_tokens``; prompts
+    with the chat template's generation prompt, cut from the left to
+    ``max(1, max_length − max_new_tokens)`` tokens. Seeded by ``mx.random.key(seed)``
+    (the draws differ from torch's). One prompt at a time with mlx-lm's KV cache
+    (``batch_size`` is accepted for the TRL signature). Returns :class:`Encoded` items
+    (prompt ids + sampled ids) to score with ``encoded=``."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    tok = tokenizer if tokenizer is not None else handle.tokenizer
+    model = _model_of(handle)
+    eos = tok.eos_token_id
+    keep = max(1, max_length - max_new_tokens)
+    key = mx.random.key(seed)
+    out: list[Encoded] = []
+    with _eval_mode(model):
+        for p in prompts:
+            ids = encode_prompt(tok, p)[-keep:]
+            cache = make_prompt_cache(model)
+            logits = model(mx.array([ids]), cache=cache)[:, -1, :].astype(mx.float32)
+            new: list[int] = []
+            for _ in range(max_new_tokens):
+                key, sub = mx.random.split(key)
+                t = int(mx.random.categorical(logits, key=sub).item())
+                new.append(t)
+                if t == eos:
+                    break
+                logits = model(mx.array([[t]]), cache=cache)[:, -1, :].astype(mx.float32)
+            out.append(Encoded(input_ids=list(ids) + new, start=len(ids)))
+    return out
+
+
 # ---------------------------------------------------------------- policies, LoRA, saving
 
 
@@ -844,4 +884,5 @@ def kl_between(policy: str | Path, probe: str | Path, reference: str | Path | No
 __all__ = ["INSTALL", "MLXBackend", "MLXModelHandle", "ReferenceDistributions", "adapters_disabled",
            "apply_lora", "completion_batch", "completion_logits", "kl_between", "kl_on_probe",
            "lora_parameters", "make_policy", "merge", "pick_device", "reference_distributions",
+           "sample_responses",
            "log_softmax", "logsumexp", "token_logps", "vocab_sum", "weights_digest"]

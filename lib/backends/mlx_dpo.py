@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, write_json_atomic
 from .base import DPOSettings
 from .encoding import PreferenceEncoded, encode_preference, pad_token_id
 from .mlx import (
@@ -533,8 +533,10 @@ class MLXDPOTrainer:
             if self.output_dir is not None and (
                     last or (self.save_every and self.step % self.save_every == 0)):
                 folder = self.save_checkpoint(self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}")
-                if self.on_save is not None and self.rank == 0:
-                    self.on_save(folder, self.step)
+                if self.rank == 0:
+                    if self.on_save is not None:
+                        self.on_save(folder, self.step)
+                    self.mark_complete(folder)
             if stopped:
                 break
         return TrainResult(global_step=self.step, log_history=self.log_history, stopped_early=stopped,
@@ -547,8 +549,8 @@ class MLXDPOTrainer:
         """A loadable model folder (full: the saved model; LoRA: its adapters; see
         :meth:`realign.backends.mlx.MLXBackend.save`) plus ``optimizer.safetensors`` and
         ``trainer_state.json`` (step, data position, LR factor, log history, reference
-        log-probs). Written by rank 0 only; older checkpoints beyond
-        ``save_total_limit`` are removed."""
+        log-probs). Written by rank 0 only. It is not complete until :meth:`mark_complete`
+        (which :meth:`train` calls after ``on_save``) writes the marker."""
         path = Path(path)
         if self.rank != 0:
             return path
@@ -566,12 +568,26 @@ class MLXDPOTrainer:
                      "ref_chosen_logps": None if self.ref_chosen is None else self.ref_chosen.tolist(),
                      "ref_rejected_logps": None if self.ref_rejected is None else self.ref_rejected.tolist()}
             (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
-        if self.save_total_limit and path.parent.is_dir():
-            ckpts = sorted((p for p in path.parent.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
-                           key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-            for old in ckpts[:-self.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def mark_complete(self, folder: str | Path) -> None:
+        """The TRL path's rule (:data:`realign.backends.trl_train.CHECKPOINT_COMPLETE`):
+        every file of the checkpoint (the ``on_save`` hooks' included) is flushed to disk,
+        then the marker is written last; only then are complete checkpoints beyond
+        ``save_total_limit`` rotated out. A folder without the marker (a save cut short)
+        is never resumed from (:func:`latest_checkpoint`)."""
+        from .trl_train import CHECKPOINT_COMPLETE, _fsync_tree, complete_checkpoints
+
+        folder = Path(folder)
+        if self.rank != 0:
+            return
+        _fsync_tree(folder)
+        write_json_atomic(folder / CHECKPOINT_COMPLETE, {
+            "step": self.step, "backend": "mlx",
+            "files": sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())})
+        if self.save_total_limit:
+            for old in complete_checkpoints(folder.parent)[:-self.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer moments, step, data position and LR factor."""
@@ -601,11 +617,20 @@ class MLXDPOTrainer:
             self.ref_rejected = np.asarray(state["ref_rejected_logps"], dtype=np.float32)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step under ``output_dir``."""
+def latest_checkpoint(output_dir: str | Path, *, remove_incomplete: bool = False) -> Path | None:
+    """The newest *complete* ``checkpoint-<step>`` folder under ``output_dir`` (holding the
+    completion marker, :meth:`MLXDPOTrainer.mark_complete`; None when there is none), by
+    the TRL path's rule (:func:`realign.backends.trl_train.complete_checkpoints`: folders
+    without the marker count only in a folder where none has it and their
+    ``trainer_state.json`` names their step). ``remove_incomplete``: delete the others
+    (a save cut short)."""
+    from .trl_train import resume_checkpoint
+
     d = Path(output_dir)
-    ckpts = [p for p in d.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
-    return max(ckpts, key=lambda p: int(p.name.rsplit("-", 1)[-1])) if ckpts else None
+    if not d.is_dir():
+        return None
+    got, _ = resume_checkpoint(d, remove_incomplete=remove_incomplete)
+    return got
 
 
 # ---------------------------------------------------------------- helpers

@@ -36,9 +36,30 @@ class RunContext:
     run_dir: Path
     thresholds: Thresholds
     progress: ProgressFn = field(default=_no_progress)
+    #: The training framework of stages 1, 3, 5 and 6, "trl" or "mlx": the config's
+    #: ``backend`` resolved once per run (the pipeline sets it; None: resolved here).
+    backend_name: str | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        if self.backend_name is None:
+            from ..backends import resolve_backend_name
+
+            self.backend_name = resolve_backend_name(self.config.backend)
+
+    def backend(self) -> Any:
+        """An instance of the run's backend (:attr:`backend_name`): ``TRLBackend`` or
+        ``MLXBackend``."""
+        from ..backends import get_backend
+
+        return get_backend(str(self.backend_name))
+
+    def backend_findings(self, name: str | None = None) -> dict[str, Any]:
+        """What a verdict records as ``findings["backend"]``: the backend's name (default
+        the run's) and its packages' versions (:func:`realign.backends.backend_record`)."""
+        from ..backends import backend_record
+
+        return backend_record(name or str(self.backend_name))
 
     @property
     def rundir(self) -> RunDir:
@@ -100,19 +121,29 @@ def generation_scorer(ctx: RunContext, rows: Sequence[Any], *, stage: int) -> tu
 
 def load_reference(ctx: RunContext, backend: Any, model: str | None = None) -> Any:
     """The frozen reference (stage 1's model unless ``model``) on the run's device, in the
-    backend's dtype for that device, in eval mode, with no gradients."""
+    backend's dtype for that device, in eval mode, with no gradients (MLX: frozen)."""
     ref = backend.load(model or ctx.base_model(), device=ctx.config.device)
+    if getattr(backend, "name", "trl") == "mlx":
+        ref.model.freeze()
+        ref.model.eval()
+        return ref
     for p in ref.model.parameters():
         p.requires_grad_(False)
     ref.model.eval()
     return ref
 
 
-def build_policy(ctx: RunContext, ref_model: Any) -> Any:
-    """The policy stage 5 trains: :func:`realign.backends.trl.make_policy` with the run's
-    ``dpo.lora`` and TRL's ``disable_dropout`` setting (``dpo.extra``, default true), in
-    train mode."""
+def build_policy(ctx: RunContext, ref: Any) -> Any:
+    """The policy stage 5 trains from the reference handle ``ref``. TRL:
+    :func:`realign.backends.trl.make_policy` with the run's ``dpo.lora`` and TRL's
+    ``disable_dropout`` setting (``dpo.extra``, default true), in train mode (a module).
+    MLX: :func:`realign.backends.mlx.make_policy` (an ``MLXModelHandle``; mlx-lm models
+    have no dropout outside LoRA's)."""
+    d = ctx.config.dpo
+    if ctx.backend_name == "mlx":
+        from ..backends.mlx import make_policy as mlx_policy
+
+        return mlx_policy(ref, d.lora)
     from ..backends.trl import make_policy
 
-    d = ctx.config.dpo
-    return make_policy(ref_model, d.lora, disable_dropout=bool(d.extra.get("disable_dropout", True)))
+    return make_policy(ref.model, d.lora, disable_dropout=bool(d.extra.get("disable_dropout", True)))

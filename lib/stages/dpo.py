@@ -53,6 +53,11 @@ by :func:`realign.kl_monitor.measure_heldout`:
   pairs.
 
 No held-out rows outside the probe: both are ``unmeasured``.
+
+Backend (``backend``): with ``mlx`` the round is :func:`realign.dpo_round_mlx.run_round`
+(:class:`realign.backends.mlx_dpo.MLXDPOTrainer` under the same monitor, breach policy,
+selection and resume rules) and the gates are measured on MLX with the same definitions;
+the model is saved as a safetensors folder both backends load (LoRA merged).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from typing import Any
 from ..distributed import is_main_process
 from ..dpo_round import mean_words as _mean_words  # noqa: F401  (kept for callers)
 from ..dpo_round import phase as _phase
-from ..dpo_round import run_round
+from ..dpo_round_mlx import round_runner
 from ..dpo_round import train_dataset as _train_dataset  # noqa: F401  (benchmarks/bench_dpo.py)
 from ..fileio import file_digest, read_jsonl, write_json_atomic
 from ..gates import GateResult, StageVerdict, make_verdict
@@ -75,16 +80,21 @@ NAME = "dpo"
 
 
 def run(ctx: RunContext) -> StageVerdict:
-    import torch
-
-    from ..backends.trl import TRLBackend
     from ..backends.trl_train import quiet_hf
 
     quiet_hf()
     cfg, d = ctx.config, ctx.config.dpo
     out = ctx.stage_dir(NAME)
-    torch.manual_seed(cfg.seed)
-    backend = TRLBackend()
+    mlx = ctx.backend_name == "mlx"
+    if mlx:
+        from ..backends.mlx import mx
+
+        mx.random.seed(cfg.seed)
+    else:
+        import torch
+
+        torch.manual_seed(cfg.seed)
+    backend = ctx.backend()
     s2, s3 = ctx.artifacts("preference_data"), ctx.artifacts("reference_init")
     base = s3.reference_model or ctx.base_model()
     train_path, probe_path = s2.train, s3.kl_probe
@@ -101,12 +111,13 @@ def run(ctx: RunContext) -> StageVerdict:
     ctx.progress(0, None, "loading reference and policy")
     with _phase(timings, "load"):
         ref = load_reference(ctx, backend, base)
-        policy = build_policy(ctx, ref.model)
+        policy = build_policy(ctx, ref)
     threshold = ctx.thresholds.get("kl_divergence")
     # from inside the run directory only, never a pickle; missing: recomputed
-    reference_probe = (load_reference_probe(s3.reference_probe, ctx.run_dir, missing_ok=True)
+    reference_probe = (load_reference_probe(s3.reference_probe, ctx.run_dir, missing_ok=True,
+                                            framework="numpy" if mlx else "pt")
                        if s3.reference_probe else None)
-    rnd = run_round(backend=backend, ref=ref, policy=policy, train_rows=train_rows, probe=probe,
+    rnd = round_runner(ctx.backend_name)(backend=backend, ref=ref, policy=policy, train_rows=train_rows, probe=probe,
                     folder=out, metrics_path=ctx.rundir.metrics_path(NAME), run_dir=ctx.run_dir,
                     dpo=d, kl_monitor=cfg.kl_monitor, seed=cfg.seed, threshold=threshold,
                     reference_probe=reference_probe, initial_kl=s3.initial_kl,
@@ -114,9 +125,17 @@ def run(ctx: RunContext) -> StageVerdict:
                     progress=ctx.progress, timings=timings)
     monitor, trainer, final, model = rnd.monitor, rnd.trainer, rnd.final, rnd.model
 
-    if d.lora:
-        model = model.merge_and_unload()
-    handle = type(ref)(model=model, tokenizer=ref.tokenizer, device=ref.device, source="dpo")
+    if mlx:
+        from ..backends.mlx import merge
+
+        handle = policy  # its model holds the selected weights
+        if d.lora:
+            handle = merge(handle)
+        handle.model.eval()
+    else:
+        if d.lora:
+            model = model.merge_and_unload()
+        handle = type(ref)(model=model, tokenizer=ref.tokenizer, device=ref.device, source="dpo")
 
     # the gates: the selected model on held-out rows outside the probe
     ctx.progress(0, None, "held-out gates: sampling from the selected model")
@@ -136,17 +155,18 @@ def run(ctx: RunContext) -> StageVerdict:
     gates: list[GateResult] = [_kl_gate(ctx, held, final, len(heldout_rest), len(probe)),
                                _margin_gate(ctx, held, final, d.beta, len(heldout_rest), len(probe))]
     train_seconds = rnd.train_seconds
-    steps_per_s = trainer.state.global_step / train_seconds if train_seconds > 0 else None
+    steps_per_s = rnd.global_step / train_seconds if train_seconds > 0 else None
     findings = {
+        "backend": ctx.backend_findings(),
         "checks": monitor.checks, "breach_actions": monitor.actions,
-        "selected_step": final["step"], "global_step": trainer.state.global_step,
+        "selected_step": final["step"], "global_step": rnd.global_step,
         "heldout_gates": {**held, "probe_pairs": len(probe), "heldout_outside_probe": len(heldout_rest),
                           "probe_check_at_selection": {k: final.get(k) for k in (
                               "kl", "kl_sequence_mean", "heldout_margin", "heldout_accuracy")}},
         "resumed_from_step": monitor.resumed_from,
         "length_probe": {"reference_words": rnd.ref_words, "policy_words": rnd.policy_words},
         "ref_logp_cache": rnd.cache,
-        "lm_head_positions": trainer.lm_head_positions,
+        "lm_head_positions": getattr(trainer, "lm_head_positions", None),
         "train_seconds": train_seconds,
         "examples_per_second": (steps_per_s * d.batch_size * d.gradient_accumulation_steps
                                 if steps_per_s else None),

@@ -10,6 +10,10 @@
 * Baseline capability scores: when ``sft.benchmarks`` lists suites, they are evaluated
   through :mod:`realign.evaluation` and saved as ``baseline_benchmarks.json``; stage 7
   compares against them.
+
+Backend (``backend``): the perplexity runs on the run's backend (TRL or MLX, the same
+tokenization and log-prob definition); the SFT fine-tune is TRL-only (``backend: mlx``
+with ``sft.dataset`` is refused) and the benchmarks run on PyTorch (lm-eval) either way.
 """
 
 from __future__ import annotations
@@ -73,17 +77,21 @@ def _sft_rows(path: str) -> list[dict[str, Any]]:
 
 
 def run(ctx: RunContext) -> StageVerdict:
-    from ..backends.trl import TRLBackend
     from ..backends.trl_train import quiet_hf
 
     quiet_hf()
     cfg = ctx.config
     out = ctx.stage_dir(NAME)
-    backend = TRLBackend()
+    mlx = ctx.backend_name == "mlx"
+    if mlx and cfg.sft.dataset:
+        raise InputError("stage 1's SFT fine-tune (sft.dataset) runs on TRL only: set backend: trl "
+                         "for this run, or run stage 1 with backend: trl and the later stages "
+                         "with backend: mlx (the saved model loads in both)", field="sft.dataset")
+    backend = ctx.backend()
     model_path = resolve_model(cfg.model)
     artifacts: dict[str, Any] = {"base_model": str(model_path), "model": str(model_path)}
     warnings: list[str] = []
-    findings: dict[str, Any] = {}
+    findings: dict[str, Any] = {"backend": ctx.backend_findings()}
 
     if cfg.sft.dataset:
         sft = _sft_rows(cfg.sft.dataset)
@@ -136,6 +144,11 @@ def run(ctx: RunContext) -> StageVerdict:
                             "baseline capability scores were not recorded")
         else:
             ctx.progress(0, None, "baseline benchmarks")
+            if mlx:  # lm-eval runs on PyTorch: the same model, loaded by transformers
+                from ..backends.trl import TRLBackend
+
+                handle = TRLBackend().load(model_path, device=None)
+                findings["benchmarks_backend"] = ctx.backend_findings("trl")
             results = evaluate_model(handle.model, handle.tokenizer, cfg.sft.benchmarks,
                                      limit=cfg.sft.benchmark_limit)
             path = out / "baseline_benchmarks.json"
