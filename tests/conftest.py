@@ -103,3 +103,14 @@ def rejected_run(tmp_path):
         return run
 
     return build
+
+
+@pytest.fixture()
+def ref_cache(tmp_path, monkeypatch):
+    """Stage 5's reference log-prob cache in the test's own folder (not REALIGN_HOME)."""
+    import realign.backends.trl_train as tt
+
+    d = tmp_path / "refcache"
+    d.mkdir()
+    monkeypatch.setattr(tt, "ref_cache_dir", lambda: d)
+    return d

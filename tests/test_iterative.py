@@ -111,16 +111,6 @@ def _copy(prepared: Path, tmp: Path, **iterative) -> Path:
     return dst
 
 
-@pytest.fixture()
-def ref_cache(tmp_path, monkeypatch):
-    import realign.backends.trl_train as tt
-
-    d = tmp_path / "refcache"
-    d.mkdir()
-    monkeypatch.setattr(tt, "ref_cache_dir", lambda: d)
-    return d
-
-
 def _verdict(status, name="iterative"):
     return next(s.verdict for s in status.stages if s.name == name)
 

@@ -48,16 +48,6 @@ def prepared(tmp_path_factory, tiny_model_path):
     return run_dir
 
 
-@pytest.fixture()
-def ref_cache(tmp_path, monkeypatch):
-    import realign.backends.trl_train as tt
-
-    d = tmp_path / "refcache"
-    d.mkdir()
-    monkeypatch.setattr(tt, "ref_cache_dir", lambda: d)
-    return d
-
-
 def _clone(prepared: Path, tmp: Path, name: str, **changes) -> Path:
     dst = tmp / name
     shutil.copytree(prepared, dst)

@@ -461,6 +461,21 @@ def kl_on_probe(policy: ModelHandle | Any, reference: ModelHandle | Any | Refere
 # ---------------------------------------------------------------- sampling from the policy
 
 
+def _left_padded(seqs: list[list[int]], pad: int, device: Any) -> tuple[Any, Any, Any]:
+    """Token lists as one left-padded batch for generation: ``(input_ids, attention_mask,
+    position_ids)``, with positions counted from each row's first real token."""
+    import torch
+
+    length = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), length), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), length), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, length - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[r, length - len(s):] = 1
+    x, attn = x.to(device), attn.to(device)
+    return x, attn, (attn.cumsum(-1) - 1).clamp(min=0)
+
+
 def _last_logits(model: Any, past: tuple[str, Any] | None = None,
                  **kwargs: Any) -> tuple[torch.Tensor, tuple[str, Any]]:
     """One forward with a KV cache: (B × V logits at the last position, the cache).
@@ -523,14 +538,7 @@ def sample_responses(handle: ModelHandle | Any, prompts: Sequence[Prompt], *, ma
     with _EvalMode(model):
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
-            length = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), length), pad, dtype=torch.long)
-            attn = torch.zeros((len(idx), length), dtype=torch.long)
-            for r, i in enumerate(idx):
-                x[r, length - len(ids[i]):] = torch.tensor(ids[i], dtype=torch.long)
-                attn[r, length - len(ids[i]):] = 1
-            x, attn = x.to(device), attn.to(device)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            x, attn, pos = _left_padded([ids[i] for i in idx], pad, device)
             logits, past = _last_logits(model, input_ids=x, attention_mask=attn, position_ids=pos)
             done = [False] * len(idx)
             for _ in range(max_new_tokens):
@@ -640,14 +648,7 @@ def sample_many(handle: ModelHandle | Any, prompts: Sequence[Prompt], *, num_sam
     with _EvalMode(model):
         for b in range(0, len(order), per_batch):
             idx = order[b:b + per_batch]
-            length = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), length), pad, dtype=torch.long)
-            attn = torch.zeros((len(idx), length), dtype=torch.long)
-            for r, i in enumerate(idx):
-                x[r, length - len(ids[i]):] = torch.tensor(ids[i], dtype=torch.long)
-                attn[r, length - len(ids[i]):] = 1
-            x, attn = x.to(device), attn.to(device)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            x, attn, pos = _left_padded([ids[i] for i in idx], pad, device)
             logits, past = _last_logits(model, input_ids=x, attention_mask=attn, position_ids=pos)
             if k > 1:
                 past[1].batch_repeat_interleave(k)
