@@ -152,3 +152,65 @@ def test_mlx_saved_model_loads_in_both_backends(mlx_run):
     sel = v["findings"]["selected_step"]
     if sel != 0:
         assert max(abs(x - y) for x, y in zip(la, lr)) > 1e-4
+
+
+def test_mlx_checkpoint_without_marker_is_not_resumed(tiny_model_path, tmp_path):
+    """A save cut short (the marker, written last, missing) is never resumed from: the
+    newest complete checkpoint is, and resume removes the incomplete one."""
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from realign.backends.base import DPOSettings
+    from realign.backends.mlx import MLXBackend, make_policy
+    from realign.backends.mlx_dpo import MLXDPOTrainer, StepAction, latest_checkpoint
+    from realign.backends.trl_train import CHECKPOINT_COMPLETE
+
+    ref = MLXBackend().load(tiny_model_path, device="cpu")
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"It is {2 * i}."}],
+             "rejected": [{"role": "assistant", "content": f"Maybe {3 * i}."}]} for i in range(6)]
+    s = DPOSettings(beta=0.1, learning_rate=1e-3, per_device_batch_size=2, max_steps=4, max_length=48)
+    out = tmp_path / "ckpt"
+    order: list[str] = []
+    tr = MLXDPOTrainer(make_policy(ref), ref, rows, s, output_dir=out, save_every=1, save_total_limit=5,
+                       use_cache=False, callback=lambda step, m: StepAction(stop=True) if step == 3 else None,
+                       on_save=lambda folder, step: order.append(
+                           f"hook:{step}:{(folder / CHECKPOINT_COMPLETE).exists()}"))
+    tr.train()
+    # the hook (the KL monitor's state) runs before the marker exists
+    assert order == ["hook:1:False", "hook:2:False", "hook:3:False"]
+    assert all((out / f"checkpoint-{k}" / CHECKPOINT_COMPLETE).is_file() for k in (1, 2, 3))
+    assert latest_checkpoint(out).name == "checkpoint-3"
+    (out / "checkpoint-3" / CHECKPOINT_COMPLETE).unlink()  # killed before the marker
+    assert latest_checkpoint(out).name == "checkpoint-2"
+    assert (out / "checkpoint-3").is_dir()
+    assert latest_checkpoint(out, remove_incomplete=True).name == "checkpoint-2"
+    assert not (out / "checkpoint-3").exists()
+    resumed = MLXDPOTrainer(make_policy(ref), ref, rows, s, output_dir=out, save_every=100,
+                            use_cache=False)
+    res = resumed.train(resume_from=latest_checkpoint(out))
+    assert [r["step"] for r in res.log_history] == [1, 2, 3, 4]  # steps 3-4 trained again
+    assert res.global_step == 4
+
+
+def test_mlx_round_resumes_from_complete_checkpoint_only(mlx_run, tmp_path):
+    """Stage 5 on MLX rerun in a copy of the run: with the newest checkpoint's marker
+    removed it resumes from the one before (and says so), continuing the monitor's history."""
+    import shutil
+
+    from realign.pipeline import run_stages
+    from realign.rundir import RunDir
+
+    run_dir, _ = mlx_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    out = RunDir(copy).stage_dir("dpo")
+    (out / "verdict.json").unlink()
+    (out / "checkpoints" / "checkpoint-6" / "realign_complete.json").unlink()
+    status = run_stages(copy, stages=["dpo"])
+    assert status.state in ("passed", "incomplete"), status
+    v = _verdict(copy, "dpo")
+    assert v["findings"]["resumed_from_step"] == 4
+    assert any("removed incomplete checkpoint(s) checkpoint-6" in w and "resumed from checkpoint-4" in w
+               for w in v["warnings"])
+    assert [c["step"] for c in v["findings"]["checks"]] == [0, 2, 4, 6]
+    assert v["findings"]["global_step"] == 6
