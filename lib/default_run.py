@@ -75,3 +75,33 @@ def default_config(*, output_dir: str = "runs", run_id: str | None = None,
     }
     base.update(changes)
     return RunConfig.model_validate(base)
+
+
+def default_config_with(overrides: list[str] | None = None, **changes: Any) -> RunConfig:
+    """:func:`default_config` with ``KEY=VALUE`` overrides (checked by the same schema; a
+    bad one raises :class:`realign.errors.InputError` naming the field). Used by
+    ``realign run`` without ``--config`` and by the MCP tools without ``config_path``."""
+    from pydantic import ValidationError
+
+    from .config import apply_overrides
+    from .errors import InputError
+
+    data = apply_overrides(default_config(**changes).model_dump(mode="json"),
+                           list(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InputError(f"{first['msg']} (override {' '.join(overrides or [])})",
+                         field=".".join(str(x) for x in first["loc"])) from None
+
+
+def is_default_prompts(path: str | Path | None) -> bool:
+    """Whether ``path`` is the shipped prompt file (package data: a trusted path wherever
+    the package is installed, so the MCP server's root confinement lets it through)."""
+    if path is None:
+        return False
+    try:
+        return Path(path).resolve() == default_prompts_path().resolve()
+    except OSError:
+        return False

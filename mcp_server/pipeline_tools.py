@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from realign import config as run_config
 from realign import pipeline
 from realign.config import RunConfig, load_config
+from realign.default_run import default_config_with, is_default_prompts
 from realign.report import write_report
 from realign.rollback import RollbackResult
 from realign.rundir import RunStatus, load_run_config
@@ -53,7 +54,10 @@ WRITES_CONFIG = ToolAnnotations(read_only_hint=False, destructive_hint=False,
 CANCEL = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                          open_world_hint=False)
 
-ConfigArg = Annotated[str, Field(description="YAML run config (see templates.md)")]
+RunConfigArg = Annotated[str | None, Field(
+    description="YAML run config (see templates.md). Omitted: the default run, all seven "
+                "stages on the embedded SmolLM2-135M-Instruct with the shipped verifiable "
+                "prompts and the offline suites (as `realign run` with no arguments)")]
 RunArg = Annotated[str, Field(description="run id (a folder of the runs directory) or a run "
                                           "directory path")]
 OverridesListArg = Annotated[list[str], Field(
@@ -158,7 +162,7 @@ class PipelineTools:
             return
         if cfg.data is not None:
             self.path(cfg.data, f"{source} data")
-        if cfg.prompts is not None:
+        if cfg.prompts is not None and not is_default_prompts(cfg.prompts):
             self.path(cfg.prompts, f"{source} prompts")
         if cfg.generation.reward_model:
             self.path(cfg.generation.reward_model, f"{source} generation.reward_model")
@@ -181,14 +185,20 @@ class PipelineTools:
         self.confine(cfg, "run.json config")
         return d
 
-    def load(self, config_path: str, run_id: str | None,
+    def load(self, config_path: str | None, run_id: str | None,
              overrides: list[str] | None = None) -> tuple[RunConfig, Path | None]:
-        """Load the config (with ``KEY=VALUE`` overrides); confine every path it names; put
-        runs in the runs directory. Returns the config and the new run's folder (None: a
-        timestamp id, chosen later)."""
-        cfg_file = self.path(config_path, "config_path")
+        """Load the config (with ``KEY=VALUE`` overrides; no ``config_path``: the default
+        run, :func:`realign.default_run.default_config_with`); confine every path it names;
+        put runs in the runs directory. Returns the config and the new run's folder (None:
+        a timestamp id, chosen later)."""
         try:
-            cfg = load_config(cfg_file, overrides=list(overrides or []) or None)
+            if config_path is None:
+                cfg = default_config_with(list(overrides or []))
+            else:
+                cfg = load_config(self.path(config_path, "config_path"),
+                                  overrides=list(overrides or []) or None)
+        except ToolError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise tool_error(e) from e
         self.confine(cfg, "config")
@@ -234,7 +244,7 @@ class PipelineTools:
 def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
     """Add the pipeline tools to ``mcp``; return their names."""
 
-    async def create(config_path: str, run_id: str | None,
+    async def create(config_path: str | None, run_id: str | None,
                      overrides: list[str] | None = None) -> Path:
         cfg, _ = tools.load(config_path, run_id, overrides)
         await run_blocking(pipeline.preflight, cfg, source=config_path)
@@ -264,7 +274,7 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
         return tools.report(run_dir)
 
     @mcp.tool(annotations=RUNS)
-    async def start_pipeline(config_path: ConfigArg, run_id: RunIdArg = None,
+    async def start_pipeline(config_path: RunConfigArg = None, run_id: RunIdArg = None,
                              overrides: OverridesListArg = []) -> RunReport:  # noqa: B006
         """Create a run from a config and start every configured stage in the background.
 
@@ -278,8 +288,8 @@ def register(mcp: MCPServer, tools: PipelineTools) -> list[str]:
 
     @mcp.tool(annotations=RUNS)
     async def run_pipeline(
-        config_path: ConfigArg,
         ctx: Context,
+        config_path: RunConfigArg = None,
         run_id: RunIdArg = None,
         overrides: OverridesListArg = [],  # noqa: B006
     ) -> RunReport:

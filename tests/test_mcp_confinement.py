@@ -210,3 +210,33 @@ def test_run_dirs_resolver(tmp_path: Path, planted: dict[str, Path]) -> None:
         runs.resolve("missing")
     found, skipped = runs.listing()
     assert [d.name for d in found] == ["good"] and {n for n, _ in skipped} == {"evil", "inner"}
+
+
+# --------------------------------------------------------------------------- default run
+async def test_pipeline_tools_without_a_config_make_the_default_run(tmp_path: Path) -> None:
+    """No ``config_path``: the default run (as ``realign run`` with no arguments), in the
+    runs directory; the shipped prompt file passes root confinement (package data), a copy
+    of it outside the root does not."""
+    from realign.default_run import default_prompts_path
+    from realign_mcp.pipeline_tools import PipelineTools
+
+    root = tmp_path / "root"
+    root.mkdir()
+    tools = PipelineTools(PathPolicy.confined([root]), root / "runs")
+    cfg, folder = tools.load(None, "demo", ["iterative.max_iterations=1"])
+    assert Path(cfg.prompts) == default_prompts_path() and cfg.data is None
+    assert cfg.iterative.max_iterations == 1 and len(cfg.stages) == 7
+    assert folder is not None and folder.parent == (root / "runs").resolve()
+    outside = tmp_path / "sentiment.jsonl"
+    outside.write_bytes(default_prompts_path().read_bytes())
+    with pytest.raises(Exception, match="prompts"):
+        tools.confine(cfg.model_copy(update={"prompts": str(outside)}), "config")
+    with pytest.raises(Exception, match="generation.samples"):
+        tools.load(None, None, ["generation.samples=1"])
+    async with Client(build_server(policy=PathPolicy.confined([root]),
+                                   runs_dir=root / "runs")) as c:
+        listed = {t.name: t for t in (await c.list_tools()).tools}
+    for name in ("start_pipeline", "run_pipeline"):
+        schema = listed[name].input_schema
+        assert "config_path" in schema["properties"]
+        assert "config_path" not in schema.get("required", []), (name, schema)

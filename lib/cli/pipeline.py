@@ -137,8 +137,9 @@ def run(
     from ..rundir import check_run_id
 
     if config is None:
-        cfg = _guard(lambda: _default_config(list(overrides or [])))
-        from ..default_run import DEFAULT_RUN_NOTES
+        from ..default_run import DEFAULT_RUN_NOTES, default_config_with
+
+        cfg = _guard(lambda: default_config_with(list(overrides or [])))
 
         err.print("the default run: all seven stages on SmolLM2-135M-Instruct with the "
                   "shipped sentiment prompts (realign run --help; "
@@ -156,22 +157,6 @@ def run(
     with stage_progress(err.is_terminal or not as_json) as cb:
         status = _guard(lambda: run_stages(run_dir, progress=cb))  # type: ignore[arg-type]
     _finish(status, as_json)
-
-
-def _default_config(overrides: list[str]) -> object:
-    """The default run's config with ``KEY=VALUE`` overrides (checked by the same schema)."""
-    from pydantic import ValidationError
-
-    from ..config import RunConfig, apply_overrides
-    from ..default_run import default_config
-
-    data = apply_overrides(default_config().model_dump(mode="json"), overrides)
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise InputError(f"{first['msg']} (override {' '.join(overrides)})",
-                         field=".".join(str(x) for x in first["loc"])) from None
 
 
 def resume(
