@@ -214,3 +214,47 @@ def test_mlx_round_resumes_from_complete_checkpoint_only(mlx_run, tmp_path):
                for w in v["warnings"])
     assert [c["step"] for c in v["findings"]["checks"]] == [0, 2, 4, 6]
     assert v["findings"]["global_step"] == 6
+
+
+def test_mlx_iterative_round(tiny_model_path, tmp_path):
+    """Stage 6 with backend: mlx: its DPO round trains on MLX (the verdict says so), the
+    saved iteration model loads in PyTorch, where it is measured."""
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from realign.pipeline import create_run, run_stages
+
+    check = [{"id": "length_constraints:number_words", "kwargs": {"num_words": 9, "relation": "at least"}}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(
+        json.dumps({"prompt": f"Write a few words about object number {i}.",
+                    "instructions": check, "answer": f"Object {i}."}) + "\n" for i in range(40)))
+    cfg = RunConfig(
+        model=str(tiny_model_path), prompts=str(prompts), output_dir=str(tmp_path / "runs"),
+        run_id="it", backend="mlx", device="cpu",
+        stages=["sft_baseline", "preference_data", "reference_init", "dpo", "iterative"],
+        thresholds={"min_pairs": 2, "baseline_perplexity": 1e9, "kl_divergence": 100,
+                    "win_rate": -1, "length_ratio": 0, "distinct_ratio": 0, "prompt_echo": 1,
+                    "reward_margin": -1e9, "length_bias": 1},
+        heldout={"fraction": 0.25, "min_pairs": 4},
+        generation={"samples": 4, "max_new_tokens": 12, "batch_size": 32},
+        dpo={"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "max_length": 48, "save_every": 2},
+        kl_monitor={"every": 2, "probe_size": 2, "batch_size": 4, "gate_prompts": 4,
+                    "gate_max_new_tokens": 8},
+        evaluation={"max_new_tokens": 12, "n_boot": 200},
+        iterative={"max_iterations": 1, "patience": 5, "max_steps": 2, "eval_prompts": 8,
+                   "prompts_per_iteration": 16},
+    )
+    run = create_run(cfg)
+    st = run_stages(run)
+    v = next(s.verdict for s in st.stages if s.name == "iterative")
+    assert v is not None, st
+    assert v.findings["backend"]["name"] == "mlx"
+    assert v.findings["measurement_backend"]["name"] == "trl"
+    its = v.findings["iterations"]
+    assert [r["iteration"] for r in its] == [0, 1]
+    assert its[1]["dpo"]["steps"] == 2 and Path(its[1]["model"]).is_dir()
+    assert its[1]["kl"]["sampled"]["kl"] >= 0  # measured on PyTorch from the MLX-saved folder
+    # the round's checkpoints are MLX's (optimizer.safetensors) with the completion marker
+    ck = Path(its[1]["model"]).parent / "checkpoints"
+    assert all((c / "optimizer.safetensors").is_file() and (c / "realign_complete.json").is_file()
+               for c in ck.glob("checkpoint-*")) and any(ck.glob("checkpoint-*"))

@@ -13,7 +13,10 @@ Iteration 0 is the stage-5 policy, measured as every iteration is. Iteration t �
 3. **DPO**: one round (:func:`realign.dpo_round.run_round`, ``iterative.max_steps`` steps,
    ``iterative.learning_rate`` or ``dpo.learning_rate``) warm-started from iteration t−1's
    policy, against π0 (the stage-3 reference; ``iterative.reference: previous`` uses
-   iteration t−1's policy), under the live KL monitor on the stage-3 probe.
+   iteration t−1's policy), under the live KL monitor on the stage-3 probe. The round
+   runs on the run's ``backend`` (``mlx``: :func:`realign.dpo_round_mlx.run_round`, π0
+   loaded with mlx-lm, the policy saved by MLX as a folder PyTorch loads); generation and
+   measurement run on PyTorch either way.
 4. **Measure** on held-out prompts (:class:`Measurer`; ``iterative.eval_prompts``, those
    outside the KL probe first): greedy responses (``evaluation.max_new_tokens``) scored
    by the verifier (or the reward model); the mean score with a paired bootstrap 95% CI of
@@ -325,6 +328,8 @@ def run(ctx: RunContext) -> StageVerdict:
     rm = load_reward_model(rm_path, device=cfg.device) if scorer == "reward_model" else None
     before, why = load_baseline_benchmarks(ctx)
     meas = Measurer(ctx, backend, ref0, eval_rows, gate_prompts, scorer, rm, before, why)
+    # the DPO rounds run on the run's backend; generation and measurement on PyTorch
+    trainer = _RoundBackend(ctx, backend, ref0, s3.reference_model or ctx.base_model())
     st = _state(out)
     timings: dict[str, float] = {}
     t_stage = time.perf_counter()
@@ -371,7 +376,7 @@ def run(ctx: RunContext) -> StageVerdict:
         t = records[-1]["iteration"] + 1
         t0 = time.perf_counter()
         extra = _iteration(ctx, backend, ref0, t, records[-1]["model"], train_rows, probe, scorer,
-                           rm, rm_path, out, warnings)
+                           rm, rm_path, out, warnings, trainer=trainer)
         timings[f"iteration_{t}"] = time.perf_counter() - t0
         if extra.get("model") is None:  # the pairs failed validation: nothing was trained
             records.append({"iteration": t, "model": None, "score": None, "scores": None,
@@ -404,6 +409,8 @@ def run(ctx: RunContext) -> StageVerdict:
     model_path = chosen["model"]
     summary = [{k: v for k, v in r.items() if k not in ("scores",)} for r in records]
     findings = {
+        "backend": ctx.backend_findings(),
+        "measurement_backend": ctx.backend_findings("trl"),
         "iterations": summary, "selected_iteration": chosen["iteration"], "stopped": reason,
         "scorer": scorer, "reward_model": rm_path, "reference": it.reference,
         "baseline": {"model": baseline["model"],
@@ -424,16 +431,59 @@ def _mean(xs: list[float | None]) -> float | None:
     return sum(got) / len(got) if got else None
 
 
+class _RoundBackend:
+    """Where stage 6's DPO rounds run: the run's backend (``ctx.backend_name``). On TRL
+    the handles of the measurement are reused; on MLX, π0 is loaded once more with mlx-lm
+    (lazily) and each round's policy is saved by MLX as a folder PyTorch then loads."""
+
+    def __init__(self, ctx: RunContext, backend: Any, ref0: Any, ref0_model: str) -> None:
+        self.ctx, self.mlx = ctx, ctx.backend_name == "mlx"
+        self.backend = ctx.backend() if self.mlx else backend
+        self._ref0, self.ref0_model = (None if self.mlx else ref0), ref0_model
+
+    def ref0(self) -> Any:
+        if self._ref0 is None:
+            self._ref0 = load_reference(self.ctx, self.backend, self.ref0_model)
+        return self._ref0
+
+    def frozen(self, model: str) -> Any:
+        if self.mlx:
+            return load_reference(self.ctx, self.backend, model)
+        return _frozen(self.backend.load(model, device=self.ctx.config.device))
+
+    def policy(self, start: Any) -> Any:
+        cfg = self.ctx.config
+        if self.mlx:
+            from ..backends.mlx import make_policy as mlx_policy
+
+            return mlx_policy(start, cfg.dpo.lora)
+        from ..backends.trl import make_policy
+
+        return make_policy(start.model, cfg.dpo.lora,
+                           disable_dropout=bool(cfg.dpo.extra.get("disable_dropout", True)))
+
+    def saveable(self, rnd: Any, policy: Any, t: int) -> Any:
+        """The handle to save: the round's selected weights, LoRA merged."""
+        if self.mlx:
+            from ..backends.mlx import merge
+
+            return merge(policy) if self.ctx.config.dpo.lora else policy
+        ref0 = self.ref0()
+        model = rnd.model.merge_and_unload() if self.ctx.config.dpo.lora else rnd.model
+        return type(ref0)(model=model, tokenizer=ref0.tokenizer, device=ref0.device,
+                          source=f"iteration {t}")
+
+
 def _iteration(ctx: RunContext, backend: Any, ref0: Any, t: int, prev_model: str,
                train_rows: list[Any], probe: list[dict[str, Any]], scorer: str, rm: Any,
-               rm_path: str | None, out: Path, warnings: list[str]) -> dict[str, Any]:
+               rm_path: str | None, out: Path, warnings: list[str], *,
+               trainer: _RoundBackend | None = None) -> dict[str, Any]:
     """Generate, validate and train iteration ``t`` from ``prev_model`` (see the module
     doc); reuses what a killed run left. Returns the record's extra fields with ``handle``
     and ``model``, or with ``model`` None and ``failed`` when the pairs failed validation."""
     import json
 
-    from ..backends.trl import make_policy
-    from ..dpo_round import run_round
+    from ..dpo_round_mlx import round_runner
     from ..gates import StageVerdict as _V
     from ..generation import generate_pairs
     from ..rows import read_rows, to_trl_row
@@ -499,23 +549,22 @@ def _iteration(ctx: RunContext, backend: Any, ref0: Any, t: int, prev_model: str
             if (folder / "dpo.json").is_file() else {}
         return {**extra, "handle": handle, "model": str(saved)}
     ctx.progress(0, None, f"iteration {t}: DPO on {len(train)} pairs")
-    start = backend.load(prev_model, device=cfg.device)
-    ref = ref0 if it.reference == "initial" else _frozen(start)
-    policy = make_policy(start.model, cfg.dpo.lora,
-                         disable_dropout=bool(cfg.dpo.extra.get("disable_dropout", True)))
+    tb = trainer or _RoundBackend(ctx, backend, ref0, str(ctx.base_model()))
+    start = tb.backend.load(prev_model, device=cfg.device)
+    ref = tb.ref0() if it.reference == "initial" else tb.frozen(prev_model)
+    policy = tb.policy(start)
     from ..rundir import metrics_log
 
     with metrics_log(ctx.rundir.metrics_path(NAME)) as log:
         log({"event": "iteration", "iteration": t, "pairs": len(train), "from": prev_model})
-    rnd = run_round(backend=backend, ref=ref, policy=policy, train_rows=train, probe=probe,
+    rnd = round_runner(ctx.backend_name)(
+                    backend=tb.backend, ref=ref, policy=policy, train_rows=train, probe=probe,
                     folder=folder, metrics_path=ctx.rundir.metrics_path(NAME), run_dir=ctx.run_dir,
                     dpo=cfg.dpo, kl_monitor=cfg.kl_monitor, seed=cfg.seed + t,
                     threshold=ctx.thresholds.get("kl_divergence"), max_steps=it.max_steps,
                     learning_rate=it.learning_rate, policy_is_reference=False,
                     progress=lambda d, n, m: ctx.progress(d, n, f"iteration {t}: {m}"))
-    model = rnd.model.merge_and_unload() if cfg.dpo.lora else rnd.model
-    handle = type(ref0)(model=model, tokenizer=ref0.tokenizer, device=ref0.device,
-                        source=f"iteration {t}")
+    handle = tb.saveable(rnd, policy, t)
     dpo = {"steps": rnd.global_step, "selected_step": rnd.final["step"],
            "probe_kl": rnd.final.get("kl"), "probe_margin": rnd.final.get("heldout_margin"),
            "resumed_from_step": rnd.monitor.resumed_from, "warnings": rnd.warnings,
@@ -523,7 +572,7 @@ def _iteration(ctx: RunContext, backend: Any, ref0: Any, t: int, prev_model: str
            "learning_rate": it.learning_rate or cfg.dpo.learning_rate}
     warnings.extend(f"iteration {t}: {w}" for w in rnd.warnings)
     if is_main_process():
-        backend.save(handle, saved)
+        tb.backend.save(handle, saved)
         write_json_atomic(folder / "dpo.json", dpo)
     del start, policy, handle, rnd
     extra["dpo"] = dpo
