@@ -258,3 +258,41 @@ def test_mlx_iterative_round(tiny_model_path, tmp_path):
     ck = Path(its[1]["model"]).parent / "checkpoints"
     assert all((c / "optimizer.safetensors").is_file() and (c / "realign_complete.json").is_file()
                for c in ck.glob("checkpoint-*")) and any(ck.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("policy", ["rollback", "halve_lr", "stop"])
+def test_mlx_breach_policy_acts(mlx_run, tmp_path, policy):
+    """A learning rate of 0.5 breaches the KL gate on MLX; the monitor acts by
+    kl_monitor.on_breach through the trainer's step callback: rollback and halve_lr halve
+    the learning rate from the next step on, stop ends training; the selected check passed."""
+    import shutil
+
+    from realign.pipeline import run_stages
+    from realign.rundir import RunDir
+
+    run_dir, _ = mlx_run
+    copy = tmp_path / policy
+    shutil.copytree(run_dir, copy)
+    run = json.loads((copy / "run.json").read_text())
+    run["config"]["dpo"].update({"learning_rate": 0.5, "max_steps": 8})
+    run["config"]["kl_monitor"].update({"every": 2, "on_breach": policy, "max_breaches": 2})
+    (copy / "run.json").write_text(json.dumps(run))
+    status = run_stages(copy, stages=["dpo"], force=True)
+    v = next(s.verdict for s in status.stages if s.name == "dpo")
+    assert v.findings["backend"]["name"] == "mlx"
+    actions = v.findings["breach_actions"]
+    assert actions, "a learning rate of 0.5 must breach the KL gate"
+    assert actions[0]["action"] == policy
+    assert any("KL breach" in w for w in v.warnings)
+    selected = next(c for c in v.findings["checks"] if c["step"] == v.findings["selected_step"])
+    assert selected["passed"] and v.gate("kl_divergence").status == "pass"
+    logs = {r["step"]: r for r in map(json.loads, RunDir(copy).metrics_path("dpo").read_text().splitlines())
+            if r.get("event") == "train_log"}
+    b = actions[0]["step"]
+    if policy == "stop":
+        assert v.findings["global_step"] == b < 8
+    else:
+        assert len(actions) <= 2
+        # linear schedule: lr of optimizer step s (0-based) = 0.5 (1 - s/8); halved after b
+        assert logs[b]["learning_rate"] == pytest.approx(0.5 * (1 - (b - 1) / 8))
+        assert logs[b + 1]["learning_rate"] == pytest.approx(0.25 * (1 - b / 8))
