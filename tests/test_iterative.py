@@ -160,6 +160,17 @@ def test_two_iterations(prepared, tmp_path, ref_cache, one_thread):
 
     ctx = RunContext(config=run_status_config(run), run_dir=run, thresholds=None)  # type: ignore[arg-type]
     assert evaluated_policy(ctx) == (v.artifacts["model"], f"stage 6 iteration {chosen}")
+    # the report has one row per iteration, the kept one marked
+    from realign.report import write_report
+
+    html, md = write_report(run)
+    text = md.read_text(encoding="utf-8")
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip()
+            in {"0", "1", "2"}]
+    assert "Iterations (" in text and len(rows) == 3, text
+    assert [r.split("|")[2].strip() for r in rows] == ["yes" if t == chosen else ""
+                                                       for t in range(3)]
+    assert "held-out score" in html.read_text(encoding="utf-8")
 
 
 def run_status_config(run: Path):
