@@ -711,8 +711,8 @@ class RunConfig(_Strict):
                     "iterative DPO rounds): trl (PyTorch: transformers + TRL + PEFT), mlx "
                     "(mlx + mlx-lm; install with pip install -e '.[mlx]') or auto: mlx on "
                     "Apple Silicon (macOS on arm64) when mlx and mlx-lm are installed, else "
-                    "trl (realign.backends.default_backend_name), resolved once when the run "
-                    "starts. Stages 2, 4 and 7 (generation, reward model, benchmarks) always "
+                    "trl (realign.backends.default_backend_name), resolved once when a job (run "
+                    "or resume) starts. Stages 2, 4 and 7 (generation, reward model, benchmarks) always "
                     "run on PyTorch; a model saved by MLX is a safetensors folder they load. "
                     "Default: auto.")
     heldout: HeldoutConfig = Field(

@@ -296,3 +296,33 @@ def test_mlx_breach_policy_acts(mlx_run, tmp_path, policy):
         # linear schedule: lr of optimizer step s (0-based) = 0.5 (1 - s/8); halved after b
         assert logs[b]["learning_rate"] == pytest.approx(0.5 * (1 - (b - 1) / 8))
         assert logs[b + 1]["learning_rate"] == pytest.approx(0.25 * (1 - b / 8))
+
+
+def test_mlx_lora_stages_3_and_5(mlx_run, tmp_path):
+    """dpo.lora (PEFT keys) on MLX: stage 3 builds the LoRA policy (it starts at the
+    reference: KL 0, only the adapters train), stage 5 trains it and saves the merged
+    model, a full safetensors folder transformers loads."""
+    import shutil
+
+    from realign.backends.trl import TRLBackend
+    from realign.pipeline import run_stages
+
+    run_dir, _ = mlx_run
+    copy = tmp_path / "lora"
+    shutil.copytree(run_dir, copy)
+    run = json.loads((copy / "run.json").read_text())
+    run["config"]["dpo"].update({"lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                                 "learning_rate": 1e-2})
+    (copy / "run.json").write_text(json.dumps(run))
+    status = run_stages(copy, stages=["reference_init", "dpo"], force=True)
+    by = {s.name: s.verdict for s in status.stages}
+    s3, s5 = by["reference_init"], by["dpo"]
+    assert s3.artifacts["policy"] == "lora" and s3.gate("initial_kl").value < 1e-6
+    full = _verdict(run_dir, "reference_init")["artifacts"]["trainable_parameters"]
+    assert 0 < s3.artifacts["trainable_parameters"] < full / 10  # adapters only
+    assert s5.findings["backend"]["name"] == "mlx"
+    assert s5.findings["checks"][-1]["kl"] > 0  # the adapters moved the policy
+    saved = Path(s5.artifacts["model"])
+    assert (saved / "config.json").is_file() and not (saved / "adapter_config.json").exists()
+    h = TRLBackend().load(saved, device="cpu")
+    assert h.model.config.vocab_size > 0
