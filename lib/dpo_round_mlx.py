@@ -190,6 +190,9 @@ def run_round(*, backend: Any, ref: Any, policy: Any, train_rows: list[dict[str,
         warnings.append(f"removed incomplete checkpoint(s) {', '.join(incomplete)} (a save was cut "
                         f"short); {'resumed from ' + resume_from.name if resume_from else 'started over'}")
 
+    if [r for r in (d.report_to or []) if r != "none"]:
+        warnings.append(f"dpo.report_to ({', '.join(d.report_to)}) is a transformers feature: the "
+                        "MLX round sends nothing to trackers; its metrics are in metrics.jsonl")
     extra = {k: v for k, v in dict(d.extra or {}).items() if k not in MLX_DROPPED_EXTRA}
     if d.warmup_steps:
         extra["warmup_steps"] = d.warmup_steps

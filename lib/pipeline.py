@@ -331,6 +331,20 @@ def preflight(config: RunConfig, *, stages: Sequence[str] | None = None,
     if config.backend == "mlx" and any(s in BACKEND_STAGES for s in todo) and not mlx_installed():
         raise bad("backend is mlx but mlx and mlx-lm are not installed: pip install -e '.[mlx]' "
                   "(mlx[cpu] on Linux, mlx on Apple Silicon), or set backend: trl / auto", "backend")
+    if config.backend == "mlx" and ("dpo" in todo or "iterative" in todo) and mlx_installed():
+        from .backends.mlx_dpo import EXTRA_DEFAULTS, EXTRA_IGNORED, LOSS_TYPES
+        from .dpo_round_mlx import MLX_DROPPED_EXTRA
+
+        lt = config.dpo.loss_type
+        for t in [lt] if isinstance(lt, str) else list(lt):
+            if t not in LOSS_TYPES:
+                raise bad(f"loss type {t!r} is not implemented by the MLX backend (it has "
+                          f"{', '.join(LOSS_TYPES)}); use backend: trl", "dpo.loss_type")
+        unknown = sorted(set(config.dpo.extra) - set(EXTRA_DEFAULTS) - EXTRA_IGNORED
+                         - set(MLX_DROPPED_EXTRA))
+        if unknown:
+            raise bad(f"dpo.extra keys the MLX backend does not implement: {', '.join(unknown)} "
+                      f"(it has {', '.join(EXTRA_DEFAULTS)}); use backend: trl", "dpo.extra")
     if config.backend == "mlx" and "sft_baseline" in todo and config.sft.dataset:
         raise bad("stage 1's SFT fine-tune (sft.dataset) runs on TRL only: use backend: trl, or "
                   "run stage 1 with backend: trl first", "sft.dataset")

@@ -326,3 +326,28 @@ def test_mlx_lora_stages_3_and_5(mlx_run, tmp_path):
     assert (saved / "config.json").is_file() and not (saved / "adapter_config.json").exists()
     h = TRLBackend().load(saved, device="cpu")
     assert h.model.config.vocab_size > 0
+
+
+def test_preflight_refuses_what_mlx_cannot_train(tmp_path):
+    """backend: mlx with a TRL-only loss, dpo.extra key or the SFT fine-tune is refused
+    before the run directory exists, naming the field."""
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from realign.errors import InputError
+    from realign.pipeline import preflight
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text((ROOT / "examples" / "pairs.jsonl").read_text().splitlines()[0] + "\n")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "Hi", "completion": "Hello."}) + "\n")
+    base = dict(data=str(data), backend="mlx", output_dir=str(tmp_path / "runs"))
+    preflight(RunConfig(**base, stages=["dpo"], dpo={"loss_type": ["sigmoid", "sft"],
+                                                     "extra": {"disable_dropout": True}}))
+    for kw, field in ((dict(stages=["dpo"], dpo={"loss_type": "robust"}), "dpo.loss_type"),
+                      (dict(stages=["iterative"], dpo={"extra": {"label_smoothing": 0.1}}), "dpo.extra"),
+                      (dict(stages=["sft_baseline"], sft={"dataset": str(sft)}), "sft.dataset")):
+        with pytest.raises(InputError) as e:
+            preflight(RunConfig(**base, **kw))
+        assert e.value.field == field, (kw, e.value)
+        # the same config runs on TRL
+        preflight(RunConfig(**{**base, "backend": "trl"}, **kw))
