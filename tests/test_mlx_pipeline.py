@@ -152,6 +152,20 @@ def test_mlx_saved_model_loads_in_both_backends(mlx_run):
     sel = v["findings"]["selected_step"]
     if sel != 0:
         assert max(abs(x - y) for x, y in zip(la, lr)) > 1e-4
+    # an MLX checkpoint (full fine-tuning) is a model folder too: stage 7's rollback
+    # re-evaluates complete stage-5 checkpoints with PyTorch
+    from realign.backends.trl_train import complete_checkpoints
+    from realign.rundir import RunDir
+
+    ck = complete_checkpoints(RunDir(run_dir).stage_dir("dpo") / "checkpoints")[-1]
+    c = TRLBackend().completion_logprobs(TRLBackend().load(ck, device="cpu"), prompts, chosen,
+                                         max_length=48).sums
+    assert all(abs(x) > 0 for x in c) and len(c) == len(prompts)
+    m = MLXBackend().completion_logprobs(MLXBackend().load(ck, device="cpu"), prompts, chosen,
+                                         max_length=48).sums
+    assert max(abs(x - y) for x, y in zip(c, m)) < 1e-3 * max(1.0, max(abs(x) for x in m))
+    if ck.name == f"checkpoint-{sel}":  # the selected step is the saved model
+        assert max(abs(x - y) for x, y in zip(c, lb)) < 1e-4 * max(1.0, max(abs(x) for x in lb))
 
 
 def test_mlx_checkpoint_without_marker_is_not_resumed(tiny_model_path, tmp_path):
