@@ -365,3 +365,62 @@ def test_preflight_refuses_what_mlx_cannot_train(tmp_path):
         assert e.value.field == field, (kw, e.value)
         # the same config runs on TRL
         preflight(RunConfig(**{**base, "backend": "trl"}, **kw))
+
+
+def test_mlx_measurements_match_trl_on_the_same_models(mlx_run, tmp_path):
+    """The numbers the MLX stages gate on equal the TRL path's on the same weights: stage
+    1's perplexity (a TRL run of stage 1 on the same config) and stage 5's held-out margin
+    and teacher-forced KL (measure_heldout with each backend on the saved MLX model
+    against the reference). The sampled KL uses each framework's random draws: both are
+    finite, non-negative and of the same order."""
+    from realign.backends.mlx import MLXBackend
+    from realign.backends.trl import TRLBackend
+    from realign.fileio import read_jsonl
+    from realign.kl_monitor import measure_heldout
+    from realign.kl_probe import distinct_prompts, gate_rows
+    from realign.pipeline import create_run, run_stages
+    from realign.rundir import load_run_config
+
+    run_dir, _ = mlx_run
+    cfg = load_run_config(run_dir).model_copy(update={"backend": "trl", "run_id": "trl-s1",
+                                                       "output_dir": str(tmp_path / "runs")})
+    trl_run = create_run(cfg)
+    run_stages(trl_run, stages=["sft_baseline"])
+    p_mlx = _verdict(run_dir, "sft_baseline")["gates"][0]["value"]
+    p_trl = _verdict(trl_run, "sft_baseline")["gates"][0]["value"]
+    assert _verdict(trl_run, "sft_baseline")["findings"]["backend"]["name"] == "trl"
+    assert p_mlx == pytest.approx(p_trl, rel=1e-3)
+
+    s2, s3 = _verdict(run_dir, "preference_data")["artifacts"], _verdict(run_dir, "reference_init")["artifacts"]
+    saved = _verdict(run_dir, "dpo")["artifacts"]["model"]
+    probe = read_jsonl(Path(s3["kl_probe"]))
+    rest = gate_rows(read_jsonl(Path(s2["heldout"])), probe)
+    pairs, prompts = rest[:8], distinct_prompts(rest, 2)
+    got = {}
+    for b in (MLXBackend(), TRLBackend()):
+        got[b.name] = measure_heldout(b, b.load(saved, device="cpu"), b.load(s3["reference_model"], device="cpu"),
+                                      prompts=prompts, pairs=pairs, beta=0.1, max_new_tokens=8, seed=0,
+                                      batch_size=4, max_length=48)
+    m, t = got["mlx"], got["trl"]
+    assert m["margin"]["mean"] == pytest.approx(t["margin"]["mean"], abs=1e-4)
+    assert m["margin"]["accuracy"] == t["margin"]["accuracy"]
+    assert m["teacher_forced"]["kl"] == pytest.approx(t["teacher_forced"]["kl"], rel=1e-3, abs=1e-6)
+    assert m["teacher_forced"]["tokens"] == t["teacher_forced"]["tokens"]
+    for x in (m, t):
+        assert 0 <= x["sampled"]["kl"] < 10 and x["sampled"]["prompts"] == 2
+    # the sampled KL is the same function of the samples on both backends
+    from realign.backends import mlx as bm
+    from realign.backends import trl as bt
+
+    pol, ref = MLXBackend().load(saved, device="cpu"), MLXBackend().load(s3["reference_model"], device="cpu")
+    samples = bm.sample_responses(pol, prompts, max_new_tokens=8, seed=3, max_length=48)
+    again = bm.sample_responses(pol, prompts, max_new_tokens=8, seed=3, max_length=48)
+    assert [s.input_ids for s in samples] == [s.input_ids for s in again]  # seeded
+    eos = pol.tokenizer.eos_token_id
+    for s in samples:
+        new = s.input_ids[s.start:]
+        assert 1 <= len(new) <= 8 and (eos not in new or new.index(eos) == len(new) - 1)
+    k_m = bm.kl_on_probe(pol, ref, encoded=samples, batch_size=4)
+    tp, tr = TRLBackend().load(saved, device="cpu"), TRLBackend().load(s3["reference_model"], device="cpu")
+    k_t = bt.kl_on_probe(tp, tr, encoded=samples, batch_size=4)
+    assert k_m.mean == pytest.approx(k_t.mean, rel=1e-3, abs=1e-6) and k_m.counts == k_t.counts
