@@ -152,7 +152,10 @@ def decide(gates: Sequence[GateResult]) -> tuple[str, list[str]]:
         return "deploy", ["every gate passed: " + "; ".join(show(g) for g in gates)]
     if not gates:
         return "reject", ["no gate was evaluated"]
-    return "reject", [f"{show(g)} {g.status}: {g.detail}" for g in bad]
+    def why(g: GateResult) -> str:  # details of unmeasured gates often say so themselves
+        return g.detail.removeprefix(f"{g.status}: ")
+
+    return "reject", [f"{show(g)} {g.status}: {why(g)}" for g in bad]
 
 
 # ----------------------------------------------------------------------------- win rate

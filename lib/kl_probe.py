@@ -46,6 +46,19 @@ def gate_rows(heldout: list[dict[str, Any]], probe: list[dict[str, Any]]) -> lis
     return [r for r in heldout[len(probe):] if prompt_key(r["prompt"]) not in seen]
 
 
+def gate_prompts(heldout_rest: list[dict[str, Any]], heldout_prompts: list[Any],
+                 probe: list[dict[str, Any]], n: int) -> list[Any]:
+    """Stage 5's KL-gate prompts: the first ``n`` distinct prompts of the held-out pairs
+    outside the probe (:func:`gate_rows`), then, in generation mode, held-out prompts that
+    gave no pair (``heldout_prompts``, stage 2's ``heldout_prompts.jsonl``), never a probe
+    prompt. The sampled KL needs prompts only: a prompt whose samples all scored the same
+    still measures how far the policy moved."""
+    seen = {prompt_key(r["prompt"]) for r in probe}
+    rows = list(heldout_rest) + [{"prompt": p} for p in heldout_prompts
+                                 if prompt_key(p) not in seen]
+    return distinct_prompts(rows, n)
+
+
 def distinct_prompts(rows: list[dict[str, Any]], n: int) -> list[Any]:
     """The first ``n`` distinct prompts of ``rows``, in order."""
     out: list[Any] = []

@@ -204,3 +204,15 @@ def test_stage5_gate_fails_when_the_selected_model_drifted_off_the_probe(tiny_mo
     rows = gate_rows(heldout, probe)
     assert held["heldout_outside_probe"] == len(rows) >= 12 and held["probe_pairs"] == len(probe)
     assert not {prompt_key(r["prompt"]) for r in probe} & {prompt_key(r["prompt"]) for r in rows}
+
+
+def test_gate_prompts_add_heldout_prompts_that_gave_no_pair_never_probe_ones():
+    """Generation mode: the KL gate samples from held-out prompts too (a prompt whose
+    samples all scored the same gave no pair but still measures the drift)."""
+    from realign.kl_probe import gate_prompts
+
+    probe = [{"prompt": "p0"}, {"prompt": "p1"}]
+    rest = [{"prompt": "p2"}, {"prompt": "p2"}, {"prompt": "p3"}]
+    assert gate_prompts(rest, ["p1", "p4", "p3", "p5"], probe, 10) == ["p2", "p3", "p4", "p5"]
+    assert gate_prompts(rest, ["p4"], probe, 2) == ["p2", "p3"]
+    assert gate_prompts([], [], probe, 5) == []

@@ -170,6 +170,8 @@ def test_decide():
     assert d == "reject" and len(reasons) == 1 and "worst_benchmark_retention 0.5" in reasons[0]
     d, reasons = decide(ok + [t.evaluate("worst_benchmark_retention", None, detail="why")])
     assert d == "reject" and "unmeasured" in reasons[0]  # unmeasured never deploys
+    d, reasons = decide([t.evaluate("win_rate", None, detail="unmeasured: no judge")])
+    assert reasons == ["win_rate unmeasured (needs > 0.5) unmeasured: no judge"]
 
 
 def test_winrate_prompts_order_and_dedupe():

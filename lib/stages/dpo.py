@@ -43,7 +43,9 @@ Detectors (warnings with a suggested fix, never silent):
   the reference's.
 
 Gates, on the selected (saved) model and held-out rows the selection never saw
-(:func:`realign.kl_probe.gate_rows`: held-out pairs after the probe, prompts not in it),
+(:func:`realign.kl_probe.gate_rows`: held-out pairs after the probe, prompts not in it;
+in generation mode the KL gate's prompts also come from the held-out prompts that gave
+no pair, :func:`realign.kl_probe.gate_prompts`),
 by :func:`realign.kl_monitor.measure_heldout`:
 
 * ``kl_divergence``: mean per-token KL(π ‖ π_ref), exact over the vocabulary, along
@@ -73,7 +75,9 @@ from ..dpo_round import train_dataset as _train_dataset  # noqa: F401  (benchmar
 from ..fileio import file_digest, read_jsonl, write_json_atomic
 from ..gates import GateResult, StageVerdict, make_verdict
 from ..kl_monitor import measure_heldout
-from ..kl_probe import distinct_prompts, gate_rows, load_reference_probe
+from ..generation import read_prompt_rows
+from ..kl_probe import gate_prompts as select_gate_prompts
+from ..kl_probe import gate_rows, load_reference_probe
 from .context import RunContext, build_policy, load_reference
 
 NAME = "dpo"
@@ -105,7 +109,9 @@ def run(ctx: RunContext) -> StageVerdict:
     # the gates' held-out rows: after the probe, no probe prompt (never used for selection)
     heldout_rest = gate_rows(read_jsonl(Path(s2.heldout)), probe) if s2.heldout else []
     gate_pairs = heldout_rest[:cfg.kl_monitor.gate_pairs]
-    gate_prompts = distinct_prompts(heldout_rest, cfg.kl_monitor.gate_prompts)
+    extra = ([r.prompt for r in read_prompt_rows(s2.heldout_prompts)]
+             if s2.heldout_prompts and Path(s2.heldout_prompts).is_file() else [])
+    gate_prompts = select_gate_prompts(heldout_rest, extra, probe, cfg.kl_monitor.gate_prompts)
 
     timings: dict[str, float] = {}
     ctx.progress(0, None, "loading reference and policy")
