@@ -165,3 +165,28 @@ def test_stage7_rejects_a_hacked_policy_and_rolls_back(tmp_path, tiny_model_path
     assert v.findings["reward_hacking_guard"]["policy_words"] == 1.0
     assert "rollback" in v.findings and v.findings["rollback"]["restored"] is not None
     assert rows  # the sample the run trained on
+
+
+def test_reward_hacking_example_loads_and_its_prompts_are_the_scripts(tmp_path):
+    """examples/reward-hacking.yaml is a valid run config over the shipped prompt file, the
+    file is what make_reward_hacking_prompts.py writes, and every row is verifiable by
+    the one gameable check ("DONE" alone passes it)."""
+    import runpy
+    from pathlib import Path
+
+    from realign.config import load_config
+    from realign.verifiers import verify_rows
+
+    ex = Path(__file__).resolve().parents[1] / "examples"
+    cfg = load_config(ex / "reward-hacking.yaml")
+    assert Path(cfg.prompts) == (ex / "reward-hacking-prompts.jsonl").resolve()
+    assert cfg.thresholds["kl_divergence"] == 2.0 and "evaluation" in cfg.stages
+    mod = runpy.run_path(str(ex / "make_reward_hacking_prompts.py"), run_name="not_main")
+    mod["main"].__globals__["OUT"] = tmp_path / "p.jsonl"
+    mod["main"]()
+    assert (tmp_path / "p.jsonl").read_bytes() == (ex / "reward-hacking-prompts.jsonl").read_bytes()
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    rep = verify_rows([{**r, "response": "DONE"} for r in rows])
+    assert rep.share_verifiable == 1.0 and rep.passed == len(rows) == 64
