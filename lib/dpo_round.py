@@ -116,6 +116,7 @@ def run_round(*, backend: Any, ref: Any, policy: Any, train_rows: list[dict[str,
     from .backends.trl_train import (
         dpo_config,
         make_dpo_trainer_class,
+        mixed_precision_bf16,
         resume_checkpoint,
     )
 
@@ -167,7 +168,9 @@ def run_round(*, backend: Any, ref: Any, policy: Any, train_rows: list[dict[str,
                           max_steps=steps, num_epochs=d.num_epochs, max_length=d.max_length,
                           seed=seed, save_every=d.save_every, warmup_steps=d.warmup_steps,
                           report_to=d.report_to, use_cpu=(ref.device.type == "cpu") or None,
-                          extra=d.extra)
+                          # bf16 autocast only for a bf16 model: TRL's default (on) would run a
+                          # float32 policy in bf16, away from its float32 reference at step 0
+                          bf16=mixed_precision_bf16(policy), extra=d.extra)
         trainer_cls = make_dpo_trainer_class()
         t0 = time.perf_counter()
         # The frozen reference we hold anyway is TRL's ref_model (one process, no LoRA):

@@ -443,7 +443,7 @@ def _run_batch(policy: Any, tokenizer: Any, device: Any, batch_size: int, seq_le
     from datasets import Dataset, concatenate_datasets
     from transformers import TrainerCallback
 
-    from .backends.trl_train import dpo_config, make_dpo_trainer_class
+    from .backends.trl_train import dpo_config, make_dpo_trainer_class, mixed_precision_bf16
 
     base_cls = make_dpo_trainer_class()
 
@@ -481,6 +481,7 @@ def _run_batch(policy: Any, tokenizer: Any, device: Any, batch_size: int, seq_le
                       learning_rate=1e-6, batch_size=batch_size, gradient_accumulation_steps=1,
                       max_steps=total, num_epochs=1, max_length=seq_len, seed=seed,
                       save_every=10**9, use_cpu=(device.type == "cpu") or None,
+                      bf16=mixed_precision_bf16(policy),  # as stage 5 trains
                       extra={"save_strategy": "no", "logging_strategy": "steps"})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

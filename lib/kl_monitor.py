@@ -196,16 +196,21 @@ class KLMonitor:
 
     # -- measurement -------------------------------------------------------------
     def measure(self, model: Any, step: int) -> dict[str, Any]:
-        from .backends.trl import ModelHandle, kl_on_probe
+        """KL and held-out margin of the trainer's ``model`` on the probe. The policy runs
+        its own forward, as the reference's numbers were computed and as the saved model
+        runs: not the autocast wrapper a mixed-precision trainer puts around it
+        (:func:`realign.backends.trl.own_forward`), which alone read KL 6e-4 at step 0."""
+        from .backends.trl import ModelHandle, kl_on_probe, own_forward
 
-        kl = kl_on_probe(model, self.ref_for_kl, encoded=self.chosen_enc,
-                         tokenizer=self.ref.tokenizer, batch_size=self.batch_size)
-        handle = ModelHandle(model=model, tokenizer=self.ref.tokenizer, device=self.ref.device,
-                             source="policy")
-        assert kl.policy_token_logps is not None  # same forward pass as the KL
-        pol_c = [float(sum(x)) for x in kl.policy_token_logps]
-        pol_r = self.backend.completion_logprobs(handle, [], [], encoded=self.rejected_enc,
-                                                 batch_size=self.batch_size).sums
+        with own_forward(model, self.ref_for_kl):
+            kl = kl_on_probe(model, self.ref_for_kl, encoded=self.chosen_enc,
+                             tokenizer=self.ref.tokenizer, batch_size=self.batch_size)
+            handle = ModelHandle(model=model, tokenizer=self.ref.tokenizer, device=self.ref.device,
+                                 source="policy")
+            assert kl.policy_token_logps is not None  # same forward pass as the KL
+            pol_c = [float(sum(x)) for x in kl.policy_token_logps]
+            pol_r = self.backend.completion_logprobs(handle, [], [], encoded=self.rejected_enc,
+                                                     batch_size=self.batch_size).sums
         return self._record(step, kl, pol_c, pol_r)
 
     def start(self, model: Any) -> dict[str, Any]:
@@ -487,15 +492,37 @@ def measure_heldout(backend: Any, policy: Any, ref: Any, *, prompts: list[Any],
     An empty ``prompts`` or ``pairs`` leaves that part None. Wall seconds of each part are
     in ``seconds``. With the MLX backend (``backend.name == "mlx"``) the same measurement
     runs on MLX (:func:`realign.backends.mlx.sample_responses`, ``kl_on_probe``); its
-    draws come from MLX's generator, so the sampled responses differ from TRL's.
+    draws come from MLX's generator, so the sampled responses differ from TRL's. On the
+    TRL path both models run their own forward (:func:`realign.backends.trl.own_forward`),
+    not the autocast wrapper a mixed-precision trainer leaves on them.
     """
-    from .backends.encoding import encode_pair
-
     mlx = getattr(backend, "name", "trl") == "mlx"
     if mlx:  # the same definitions on MLX (realign.backends.mlx)
         from .backends.mlx import kl_on_probe, sample_responses
     else:
-        from .backends.trl import kl_on_probe, sample_responses  # type: ignore[assignment]
+        from .backends.trl import kl_on_probe, own_forward, sample_responses  # type: ignore[assignment]
+
+        # both models run their own forward, not a trainer's autocast wrapper (which a
+        # full fine-tune's policy and reference both carry, a LoRA's merged policy not)
+        with own_forward(policy, ref):
+            return _measure_heldout(backend, policy, ref, prompts=prompts, pairs=pairs, beta=beta,
+                                    max_new_tokens=max_new_tokens, seed=seed,
+                                    batch_size=batch_size, max_length=max_length,
+                                    kl_on_probe=kl_on_probe, sample_responses=sample_responses)
+    return _measure_heldout(backend, policy, ref, prompts=prompts, pairs=pairs, beta=beta,
+                            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                            max_length=max_length, kl_on_probe=kl_on_probe,
+                            sample_responses=sample_responses)
+
+
+def _measure_heldout(backend: Any, policy: Any, ref: Any, *, prompts: list[Any],
+                     pairs: list[dict[str, Any]], beta: float, max_new_tokens: int, seed: int,
+                     batch_size: int, max_length: int, kl_on_probe: Any,
+                     sample_responses: Any) -> dict[str, Any]:
+    """:func:`measure_heldout` with the backend's functions chosen."""
+    from .backends.encoding import encode_pair
+
+    mlx = getattr(backend, "name", "trl") == "mlx"
     out: dict[str, Any] = {"sampled": None, "teacher_forced": None, "margin": None, "seconds": {}}
     secs = out["seconds"]
     tok = ref.tokenizer

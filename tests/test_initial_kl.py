@@ -94,3 +94,92 @@ def test_stage5_measures_its_own_starting_policy(tiny_model_path, tmp_path, monk
     assert step0["step"] == 0 and step0["source"] == "measured at the start of stage 5"
     assert step0["kl"] > 1e-3
     assert any("the policy stage 5 starts from is not the reference" in w for w in v.warnings)
+
+
+def _sharp_model(tmp: Path) -> Path:
+    """The tiny model with logits as large as a trained model's (final norm weight × 30):
+    the tiny random model's near-uniform logits hide a bf16 rounding (step-0 KL 4e-7 at
+    ×1, 1e-4 at ×50 through a bf16 autocast), SmolLM2-135M's do not (6.5e-4)."""
+    from safetensors.torch import load_file, save_file
+
+    from realign.testing import tiny_model
+
+    model = tiny_model(tmp / "sharp-model", seed=0)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 30.0
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    return model
+
+
+@pytest.mark.parametrize("lora", [{"r": 8, "target_modules": "all-linear"}, None],
+                         ids=["lora", "full"])
+def test_stage5_starts_at_the_reference_on_a_float32_model(tmp_path, monkeypatch, lora):
+    """TRL's DPOConfig turns bf16 on by default, on every device; with the float32 model
+    realign loads on a CPU, accelerate then ran the policy's forward under bf16 autocast, so
+    the trainer's policy read KL 6.5e-4 at step 0 against its float32 reference on
+    SmolLM2-135M (8e-5 on this model, in both cases). The trainer now runs a float32 model
+    in float32, and the monitor measures the policy's own forward."""
+    import math
+
+    import realign.backends.trl_train as tt
+    from realign.pipeline import create_run, run_stages
+
+    monkeypatch.setattr(tt, "ref_cache_dir", lambda: tmp_path)
+    model = _sharp_model(tmp_path)
+    dpo_cfg = {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-6, "lora": lora}
+    run = create_run(_config(tmp_path, model, "sharp", dpo=dpo_cfg))
+    status = run_stages(run)
+    v = next(s.verdict for s in status.stages if s.name == "dpo")
+    step0 = v.findings["checks"][0]
+    assert step0["step"] == 0
+    assert step0["kl"] < 1e-7, step0  # was 8.2e-5 under bf16 autocast
+    assert abs(step0["heldout_margin"]) < 1e-5, step0
+    assert not any("not the reference" in w for w in v.warnings), v.warnings
+    events = [json.loads(x) for x in (run / "stages" / "5-dpo" / "metrics.jsonl").read_text().splitlines()]
+    first_loss = next(e["loss"] for e in events if e.get("event") == "train_log" and "loss" in e)
+    # the reference log-probs are the policy's own at step 0: every margin is 0, loss ln 2
+    assert abs(first_loss - math.log(2)) < 1e-5, first_loss
+
+
+def test_own_forward_measures_a_mixed_precision_policy_as_the_reference(tmp_path):
+    """A trainer in bf16 mixed precision (dpo.extra: {bf16: true}, or a bf16 model on a GPU)
+    leaves accelerate's autocast wrapper on the policy's forward. The monitor measures the
+    policy's own forward inside ``own_forward``, and the wrapper is back on exit."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from realign.backends.encoding import encode_pair
+    from realign.backends.trl import (
+        TRLBackend,
+        kl_on_probe,
+        make_policy,
+        own_forward,
+        reference_distributions,
+    )
+
+    h = TRLBackend().load(_sharp_model(tmp_path), device="cpu")
+    rows = [json.loads(x) for x in (ROOT / "examples" / "pairs.jsonl").read_text().splitlines()[:6]]
+    enc = [encode_pair(h.tokenizer, r["prompt"], r["chosen"], 48) for r in rows]
+    ref = reference_distributions(h, enc, batch_size=3)
+    # a trainer earlier in the process left accelerate's (singleton) state without mixed
+    # precision; reset it as transformers' TrainingArguments do, before and after
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        policy = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(
+            make_policy(h.model, None))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    wrapped = policy.forward
+
+    def kl() -> float:
+        return kl_on_probe(policy, ref, encoded=enc, tokenizer=h.tokenizer, batch_size=3).mean
+
+    assert kl() > 1e-5  # through the autocast wrapper: bf16, not the float32 reference
+    with own_forward(policy, ref, None):
+        assert kl() < 1e-7
+    assert policy.forward is wrapped and kl() > 1e-5
+    with torch.no_grad():  # a model without a wrapper is left as it is
+        plain = make_policy(h.model, None)
+        with own_forward(plain):
+            assert "forward" not in plain.__dict__

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,38 @@ def _completion_logits_batch(model: Any, items: Sequence[Encoded], pad_id: int) 
     ends = torch.tensor([len(e.input_ids) for e in items], device=device)
     mask = (pos[None, :] + 1 >= starts[:, None]) & (pos[None, :] + 1 < ends[:, None])
     return logits, targets, mask
+
+
+@contextmanager
+def own_forward(*models: Any) -> Iterator[None]:
+    """Within the block, each model runs its own forward, not the mixed-precision wrapper
+    that ``accelerate`` put around it.
+
+    ``Accelerator.prepare_model`` with mixed precision (a ``Trainer`` whose ``bf16`` or
+    ``fp16`` is set; TRL's ``DPOConfig`` sets ``bf16`` by default) replaces
+    ``model.forward`` by the same forward under ``torch.autocast`` and keeps the original
+    as ``model._original_forward``; an outer ``torch.autocast(enabled=False)`` cannot undo
+    it. A trainer's policy measured through that wrapper is measured in reduced
+    precision while the frozen reference (and stage 3's stored distributions) are not:
+    on SmolLM2-135M in float32 on a CPU that alone read KL 6e-4 nats/token between two
+    identical models. The wrapper is put back on exit. Models without one (or None, or a
+    :class:`ReferenceDistributions`) are left alone; ``ModelHandle`` and DDP wrappers are
+    unwrapped.
+    """
+    swapped: list[tuple[Any, Any]] = []
+    for m in models:
+        if m is None or isinstance(m, ReferenceDistributions):
+            continue
+        m = _unwrap(m)
+        original = m.__dict__.get("_original_forward")
+        if original is not None and "forward" in m.__dict__:
+            swapped.append((m, m.__dict__["forward"]))
+            m.forward = original
+    try:
+        yield
+    finally:
+        for m, wrapped in reversed(swapped):
+            m.forward = wrapped
 
 
 class _EvalMode:
