@@ -92,6 +92,36 @@ class RoundResult:
         return int(state.global_step if state is not None else self.trainer.step)
 
 
+def detector_warnings(monitor: Any, threshold: float, ref_len: float, pol_len: float
+                      ) -> list[str]:
+    """The round's detector warnings, the same for every backend: likelihood displacement
+    (:func:`realign.kl_monitor.detect_displacement`), saturation (held-out accuracy 1.0 at
+    some check after step 0 and one of the last three training losses below
+    ``SATURATION_LOSS``), length exploitation (the policy's greedy probe answers longer
+    than ``LENGTH_GROWTH`` × the reference's), each KL breach with its action, then the
+    monitor's own warnings."""
+    out: list[str] = []
+    w = detect_displacement(monitor.checks)
+    if w:
+        out.append(w)
+    losses = [r["loss"] for r in monitor.trl_logs if "loss" in r]
+    if any(c["heldout_accuracy"] >= 1.0 for c in monitor.checks[1:]) and losses \
+            and min(losses[-3:]) < SATURATION_LOSS:
+        out.append("saturation: held-out accuracy reached 1.0 with training loss near 0; "
+                   "the policy can separate the pairs perfectly and will keep drifting. "
+                   "Stop earlier, raise beta, or use loss_type: ipo / label smoothing.")
+    if ref_len > 0 and pol_len > LENGTH_GROWTH * ref_len:
+        out.append(f"length exploitation: greedy answers grew from {ref_len:.1f} to "
+                   f"{pol_len:.1f} words on the probe prompts; check the length-bias gate of "
+                   "stage 2, balance lengths, or use a length-normalized loss "
+                   "(loss_type: ipo, or ld_alpha).")
+    for a in monitor.actions:
+        out.append(f"KL breach at step {a['step']} (KL {a['kl']:.4f} > {threshold:g}): "
+                   f"{a['action']}")
+    out.extend(monitor.warnings)
+    return out
+
+
 def run_round(*, backend: Any, ref: Any, policy: Any, train_rows: list[dict[str, Any]],
               probe: list[dict[str, Any]], folder: Path, metrics_path: Path, run_dir: Path,
               dpo: Any, kl_monitor: Any, seed: int, threshold: float,
@@ -214,25 +244,7 @@ def run_round(*, backend: Any, ref: Any, policy: Any, train_rows: list[dict[str,
         ref_len, pol_len = mean_words(ref_answers), mean_words(policy_answers)
         log({"event": "length_probe", "reference_words": ref_len, "policy_words": pol_len})
 
-    # detectors
-    w = detect_displacement(monitor.checks)
-    if w:
-        warnings.append(w)
-    losses = [r["loss"] for r in monitor.trl_logs if "loss" in r]
-    if any(c["heldout_accuracy"] >= 1.0 for c in monitor.checks[1:]) and losses \
-            and min(losses[-3:]) < SATURATION_LOSS:
-        warnings.append("saturation: held-out accuracy reached 1.0 with training loss near 0; "
-                        "the policy can separate the pairs perfectly and will keep drifting. "
-                        "Stop earlier, raise beta, or use loss_type: ipo / label smoothing.")
-    if ref_len > 0 and pol_len > LENGTH_GROWTH * ref_len:
-        warnings.append(f"length exploitation: greedy answers grew from {ref_len:.1f} to "
-                        f"{pol_len:.1f} words on the probe prompts; check the length-bias gate of "
-                        "stage 2, balance lengths, or use a length-normalized loss "
-                        "(loss_type: ipo, or ld_alpha).")
-    for a in monitor.actions:
-        warnings.append(f"KL breach at step {a['step']} (KL {a['kl']:.4f} > {threshold:g}): "
-                        f"{a['action']}")
-    warnings.extend(monitor.warnings)
+    warnings.extend(detector_warnings(monitor, threshold, ref_len, pol_len))
     return RoundResult(model=model, trainer=trainer, monitor=monitor, final=final,
                        threshold=threshold, ref_words=ref_len, policy_words=pol_len, cache=cache,
                        train_seconds=train_seconds, warnings=warnings)

@@ -34,13 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .dpo_round import RoundResult, mean_words, phase
-from .kl_monitor import (
-    LENGTH_GROWTH,
-    SATURATION_LOSS,
-    KLMonitor,
-    detect_displacement,
-)
+from .dpo_round import RoundResult, detector_warnings, mean_words, phase
+from .kl_monitor import KLMonitor
 from .kl_probe import LENGTH_PROBE_PROMPTS, LENGTH_PROBE_TOKENS
 from .rundir import metrics_log
 
@@ -279,24 +274,7 @@ def run_round(*, backend: Any, ref: Any, policy: Any, train_rows: list[dict[str,
         ref_len, pol_len = mean_words(ref_answers), mean_words(policy_answers)
         log({"event": "length_probe", "reference_words": ref_len, "policy_words": pol_len})
 
-    w = detect_displacement(monitor.checks)
-    if w:
-        warnings.append(w)
-    losses = [r["loss"] for r in monitor.trl_logs if "loss" in r]
-    if any(c["heldout_accuracy"] >= 1.0 for c in monitor.checks[1:]) and losses \
-            and min(losses[-3:]) < SATURATION_LOSS:
-        warnings.append("saturation: held-out accuracy reached 1.0 with training loss near 0; "
-                        "the policy can separate the pairs perfectly and will keep drifting. "
-                        "Stop earlier, raise beta, or use loss_type: ipo / label smoothing.")
-    if ref_len > 0 and pol_len > LENGTH_GROWTH * ref_len:
-        warnings.append(f"length exploitation: greedy answers grew from {ref_len:.1f} to "
-                        f"{pol_len:.1f} words on the probe prompts; check the length-bias gate of "
-                        "stage 2, balance lengths, or use a length-normalized loss "
-                        "(loss_type: ipo, or ld_alpha).")
-    for a in monitor.actions:
-        warnings.append(f"KL breach at step {a['step']} (KL {a['kl']:.4f} > {threshold:g}): "
-                        f"{a['action']}")
-    warnings.extend(monitor.warnings)
+    warnings.extend(detector_warnings(monitor, threshold, ref_len, pol_len))
     return RoundResult(model=model, trainer=trainer, monitor=monitor, final=final,
                        threshold=threshold, ref_words=ref_len, policy_words=pol_len, cache=cache,
                        train_seconds=train_seconds, warnings=warnings)

@@ -216,3 +216,31 @@ def test_gate_prompts_add_heldout_prompts_that_gave_no_pair_never_probe_ones():
     assert gate_prompts(rest, ["p1", "p4", "p3", "p5"], probe, 10) == ["p2", "p3", "p4", "p5"]
     assert gate_prompts(rest, ["p4"], probe, 2) == ["p2", "p3"]
     assert gate_prompts([], [], probe, 5) == []
+
+
+def test_detector_warnings_fire_on_their_signals_and_only_then():
+    """The stage-5 detectors (shared by the TRL and MLX rounds): displacement, saturation,
+    length exploitation, each breach, then the monitor's own warnings."""
+    from types import SimpleNamespace
+
+    from realign.dpo_round import detector_warnings
+    from realign.kl_monitor import LENGTH_GROWTH, SATURATION_LOSS
+
+    def check(step, logp, margin, acc):
+        return {"step": step, "heldout_chosen_logp": logp, "heldout_margin": margin,
+                "heldout_accuracy": acc}
+
+    calm = SimpleNamespace(checks=[check(0, -10, 0, 0.5), check(5, -10.1, 0.1, 0.75)],
+                           trl_logs=[{"loss": 0.6}, {"loss": 0.5}], actions=[], warnings=[])
+    assert detector_warnings(calm, 0.1, 10.0, 10.0) == []
+    bad = SimpleNamespace(
+        checks=[check(0, -10, 0, 0.5), check(5, -20, 1.0, 0.9), check(10, -30, 2.0, 1.0)],
+        trl_logs=[{"loss": 0.3}, {"loss": SATURATION_LOSS / 2}],
+        actions=[{"step": 5, "kl": 0.25, "action": "rollback"}], warnings=["from the monitor"])
+    w = detector_warnings(bad, 0.1, 10.0, 10.0 * LENGTH_GROWTH + 1)
+    assert [x.split(":")[0] for x in w[:3]] == ["likelihood displacement", "saturation",
+                                                 "length exploitation"]
+    assert w[3] == "KL breach at step 5 (KL 0.2500 > 0.1): rollback"
+    assert w[4] == "from the monitor" and len(w) == 5
+    # at exactly LENGTH_GROWTH x the reference, no length warning
+    assert not any(x.startswith("length") for x in detector_warnings(bad, 0.1, 10.0, 10.0 * LENGTH_GROWTH))
