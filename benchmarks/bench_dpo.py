@@ -107,7 +107,8 @@ def _child(args: argparse.Namespace) -> dict[str, object]:
                           learning_rate=5e-6, batch_size=args.batch_size,
                           gradient_accumulation_steps=1, max_steps=args.steps, num_epochs=1,
                           max_length=args.max_length, seed=0, save_every=10**6,
-                          precompute_ref=args.child == "bare-precompute", use_cpu=True)
+                          precompute_ref=args.child == "bare-precompute", use_cpu=True,
+                          bf16=tt.mixed_precision_bf16(policy))  # as stage 5: float32 here
     t_init = time.perf_counter()
     trainer = DPOTrainer(model=policy, args=targs, train_dataset=_train_dataset(rows, n, 0),
                          processing_class=handle.tokenizer)
